@@ -1,0 +1,297 @@
+"""Typed experiment configuration: a pipeline YAML fully describes one experiment.
+
+Every section is a pydantic model with unknown keys forbidden. `load_config` reads a YAML
+file, applies dotted `--set` overrides and validates; every problem becomes a `ConfigError`
+whose message is one readable line naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedplatform.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user-facing configuration problem (one line, exit code 2)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where samples come from and how the global training pool is made long-tailed."""
+
+    dataset: str = "digits"
+    """Registered source: digits, cifar10, cifar100, imagefolder_domains, imagenet_lt."""
+    root: str | None = None
+    """Directory holding the data (not needed for digits)."""
+    download: bool = False
+    """Download cifar10/cifar100 with torchvision when `root` holds no data."""
+    imbalance_factor: float = Field(1.0, ge=1.0)
+    """IF = n_max / n_min of the exponential long-tail profile; 1 keeps the data balanced."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Stratified held-out test share for sources without an official test split (digits)."""
+    test_domain: str | None = None
+    """imagefolder_domains: domain held out of training and used as the global test set."""
+    cache_dir: str | None = None
+    """Prepared-data cache; default $FEDPLATFORM_CACHE or ~/.cache/fedplatform."""
+
+
+class PartitionConfig(Section):
+    """How the long-tailed training pool is split over logical clients."""
+
+    scheme: str = "dirichlet"
+    """Registered partitioner: iid, dirichlet, clip2fl_reference, per_domain."""
+    num_clients: int = Field(10, ge=1)
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    """Concentration of the per-class Dirichlet draw (dirichlet, clip2fl_reference)."""
+    min_client_size: int = Field(10, ge=0)
+    """dirichlet: redraw until every client holds at least this many samples."""
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """per_domain: train/val/test fractions of each participating domain (FedCLIP: 0.6/0.2/0.2)."""
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if any(f < 0 for f in self.split_fractions) or sum(self.split_fractions) > 1.0 + 1e-9:
+            raise ValueError(
+                f"partition.split_fractions={list(self.split_fractions)} must be non-negative "
+                "and sum to at most 1"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """The student network trained by the clients."""
+
+    name: str = "small_cnn"
+    """Registered backbone: small_cnn (8x8 digits), resnet8 (CLIP2FL reference student)."""
+
+
+class ClipConfig(Section):
+    """Frozen CLIP used as a teacher (CLIP2FL) or as the backbone (FedCLIP)."""
+
+    model: str | None = None
+    """open_clip model name (e.g. ViT-B-32, fedplatform-tiny); null when unused."""
+    pretrained: str | None = None
+    """open_clip tag (openai, laion2b_s34b_b79k, ...), a local checkpoint path, or null (untrained)."""
+
+
+class LocalTraining(Section):
+    """Reference local SGD: lr 0.1, batch 32, no momentum or weight decay."""
+
+    local_epochs: int = Field(10, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    augmentation: Literal["reference", "per_sample", "none"] = "reference"
+    """reference: one random crop (pad 4) and flip per batch, as the CLIP2FL code; per_sample:
+    an independent draw per image; none."""
+
+
+class FedAvgConfig(LocalTraining):
+    """FedAvg (McMahan et al. 2017): sample-weighted mean of every state entry."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(LocalTraining):
+    """FedProx (Li et al. 2020): local loss + mu/2 * ||w - w_global||^2."""
+
+    name: Literal["fedprox"] = "fedprox"
+    mu: float = Field(0.01, ge=0.0)
+
+
+ALGORITHM_CONFIGS: dict[str, type[LocalTraining]] = {"fedavg": FedAvgConfig, "fedprox": FedProxConfig}
+ALGORITHM_NAMES = tuple(ALGORITHM_CONFIGS)
+AlgorithmConfig = Annotated[Union[tuple(ALGORITHM_CONFIGS.values())], Field(discriminator="name")]
+
+
+class Resources(Section):
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    """A fraction shares a GPU; on CUDA it is also the process's memory budget."""
+
+
+class RuntimeConfig(Section):
+    """How the experiment is laid out on Ray."""
+
+    num_client_actors: int | Literal["auto"] = "auto"
+    """Actors that run logical clients; auto = as many as the resources allow, capped by
+    clients_per_round (inside a placement group, sized from that group)."""
+    client_resources: Resources = Resources()
+    server_resources: Resources = Resources()
+    max_client_retries: int = Field(2, ge=0)
+    """Times a client is re-run on a fresh actor after its actor died."""
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    runs_dir: str = "fedplatform_runs"
+    """Run directories (checkpoints) are created under this path."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _actors(self):
+        if isinstance(self.num_client_actors, int) and self.num_client_actors < 1:
+            raise ValueError(
+                f"runtime.num_client_actors={self.num_client_actors} must be >= 1 or 'auto'"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    experiment: str = "fedplatform"
+    """MLflow experiment name."""
+    tracking_uri: str | None = None
+    """Default: --tracking-uri, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
+    run_name: str | None = None
+
+
+class ExperimentConfig(Section):
+    """One federated experiment."""
+
+    name: str = "experiment"
+    seed: int = 7
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    clip: ClipConfig = ClipConfig()
+    algorithm: AlgorithmConfig = FedAvgConfig()
+    rounds: int = Field(200, ge=1)
+    clients_per_round: int = Field(8, ge=1)
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithm_name(cls, raw):
+        algo = raw.get("algorithm") if isinstance(raw, dict) else None
+        if isinstance(algo, dict) and "name" not in algo:
+            raw["algorithm"] = {"name": "fedavg", **algo}
+        return raw
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds "
+                f"partition.num_clients={self.partition.num_clients}; use at most that many"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_value(text: str) -> Any:
+    """Type a command-line value as YAML does: 3 -> int, 0.1 -> float, true -> bool, [1,2] -> list."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set raw['a']['b'] = value for dotted 'a.b', creating intermediate sections."""
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.lr=0.05")
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def _error_line(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    # discriminated unions insert the tag into the location: algorithm.fedavg.lr -> algorithm.lr
+    parts = loc.split(".")
+    section: type[BaseModel] | None = None
+    if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in ALGORITHM_NAMES:
+        section = ALGORITHM_CONFIGS[parts[1]]
+        loc = ".".join([parts[0], *parts[2:]])
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = sorted(section.model_fields) if section else _allowed_keys(loc)
+        return f"unknown key '{loc}'; allowed keys here: {', '.join(allowed)}"
+    if kind == "union_tag_invalid":
+        return f"algorithm.name={value.get('name')!r} is not a known algorithm; choose one of {', '.join(ALGORITHM_NAMES)}"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    shown = f"{value!r}" if not isinstance(value, dict) else "a section"
+    return f"{loc}={shown} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def _allowed_keys(loc: str) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc.split(".")[:-1]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return ["(see the configuration reference in README.md)"]
+    return sorted(model.model_fields)
+
+
+def validate(raw: dict) -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a pipeline must be a YAML mapping of sections, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_error_line(exc.errors()[0])) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipeline file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"pipeline file '{path}' is not valid YAML{where}") from None
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a pipeline YAML, apply `KEY=VALUE` overrides, validate."""
+    raw = read_yaml(path)
+    for key, value in parse_overrides(list(overrides)):
+        apply_override(raw, key, value)
+    return validate(raw)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
