@@ -1,0 +1,21 @@
+"""Federated algorithms; importing this package registers every built-in one."""
+from fedplatform.algorithms import fedavg, fedprox, synthetic  # noqa: F401  (registration)
+from fedplatform.algorithms.base import (
+    ALGORITHMS,
+    Algorithm,
+    ClientData,
+    ClientUpdate,
+    Context,
+    get_algorithm,
+    register_algorithm,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "ClientData",
+    "ClientUpdate",
+    "Context",
+    "get_algorithm",
+    "register_algorithm",
+]

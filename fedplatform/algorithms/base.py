@@ -1,0 +1,208 @@
+"""The algorithm contract: explicit state plus five methods the engine calls.
+
+The engine runs, checkpoints and resumes any algorithm without knowing what it does:
+
+    state   = algo.init_server_state(seed)                     # server, once
+    payload = algo.broadcast(state)                            # server, every round
+    update  = algo.client_update(payload, data, generator)     # client actor, per sampled client
+    state   = algo.aggregate(state, updates, round)            # server, updates sorted by client id
+    metrics = algo.evaluate(state, test_images, test_labels)   # server, on schedule
+
+State, payload and update tensors are flat `dict[str, Tensor]` on the CPU (safetensors
+checkpoints, Ray object store). One instance lives per actor for the whole run and may keep its
+networks on `ctx.device` between calls; its results must depend only on the arguments: all
+randomness in `client_update` comes from `generator`, and `evaluate` is deterministic.
+"""
+from __future__ import annotations
+
+import abc
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedplatform.config import ExperimentConfig
+from fedplatform.errors import UserError
+from fedplatform.models.augment import normalize
+
+EVAL_BATCH_SIZE = 500
+"""Reference test batch size (`batch_size_test`)."""
+MANY_SHOT_MIN = 100
+FEW_SHOT_MAX = 20
+"""Long-tail groups by global train count: many > 100, medium 20..100, few < 20."""
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Context:
+    """What an algorithm needs that is not state; identical on every actor."""
+
+    cfg: ExperimentConfig
+    num_classes: int
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    """(H, W, C) of the uint8 images."""
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+    train_class_counts: np.ndarray
+    """[C] global training counts, for the many / medium / few-shot groups."""
+    device: torch.device
+
+
+@dataclass
+class ClientData:
+    """One logical client's training samples: uint8 images [n, H, W, C], int64 labels [n]."""
+
+    client_id: int
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back; `metrics` holds at least "train_loss" (mean over local steps)."""
+
+    client_id: int
+    num_samples: int
+    tensors: State
+    metrics: dict[str, float]
+
+
+class Algorithm(abc.ABC):
+    """Base of every federated algorithm; subclasses register with `@register_algorithm(name)`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.cfg.algorithm
+
+    @abc.abstractmethod
+    def init_server_state(self, seed: int) -> State:
+        """Initial server state, a function of `seed` alone; the global RNG is left untouched."""
+
+    @abc.abstractmethod
+    def broadcast(self, state: State) -> State:
+        """The payload every client sampled this round receives."""
+
+    @abc.abstractmethod
+    def client_update(self, payload: State, data: ClientData, generator: torch.Generator) -> ClientUpdate:
+        """Local work of one client; all randomness from `generator`."""
+
+    @abc.abstractmethod
+    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
+        """New server state from this round's updates (sorted by client id)."""
+
+    @abc.abstractmethod
+    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Test metrics (see `classification_metrics`) of `state` on uint8 images."""
+
+
+# ---------------------------------------------------------------------------- registry
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
+        if name in ALGORITHMS and ALGORITHMS[name] is not cls:
+            raise ValueError(f"algorithm '{name}' is already registered")
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    if name not in ALGORITHMS:
+        raise UserError(
+            f"algorithm.name={name!r} is not a known algorithm; choose one of {', '.join(sorted(ALGORITHMS))}"
+        )
+    return ALGORITHMS[name]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def seeded_global_rng(seed: int, device: torch.device = torch.device("cpu")) -> Iterator[None]:
+    """Seed the global CPU RNG (and `device`'s, if CUDA) for a block, then restore the old state.
+
+    Used where code we do not control draws from the global RNG (module initialisers, dropout),
+    so results depend on `seed` alone and the caller's RNG stream is not disturbed.
+    """
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A 63-bit seed drawn from `generator` (to derive a seed for a nested RNG)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
+
+
+def classification_metrics(
+    preds: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    train_class_counts: Sequence[int] | np.ndarray,
+    loss: float | None = None,
+) -> dict:
+    """Top-1 `accuracy`, `per_class_accuracy` (class-id order; NaN for a class absent from the
+    test set) and the long-tail groups `many_shot_acc` (train count > 100), `medium_shot_acc`
+    (20..100), `few_shot_acc` (< 20), each the mean per-class accuracy of its classes (omitted
+    when no class of the group is in the test set); `loss` is passed through when given."""
+    preds = np.asarray(preds).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    counts = np.asarray(train_class_counts)
+    num_classes = len(counts)
+    correct = preds == labels
+    per_class = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        mask = labels == c
+        if mask.any():
+            per_class[c] = correct[mask].mean()
+    out: dict = {"accuracy": float(correct.mean()) if len(labels) else float("nan")}
+    out["per_class_accuracy"] = [float(a) for a in per_class]
+    groups = {
+        "many_shot_acc": counts > MANY_SHOT_MIN,
+        "medium_shot_acc": (counts >= FEW_SHOT_MAX) & (counts <= MANY_SHOT_MIN),
+        "few_shot_acc": counts < FEW_SHOT_MAX,
+    }
+    for key, members in groups.items():
+        accs = per_class[members & ~np.isnan(per_class)]
+        if len(accs):
+            out[key] = float(accs.mean())
+    if loss is not None:
+        out["loss"] = float(loss)
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context) -> dict:
+    """Reference test pass: eval mode, batches of 500, normalised student view, no augmentation;
+    `classification_metrics` plus the mean cross-entropy `loss`."""
+    was_training = model.training
+    model.eval()
+    preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for start in range(0, len(labels), EVAL_BATCH_SIZE):
+        x = normalize(images[start : start + EVAL_BATCH_SIZE].to(ctx.device), ctx.norm_mean, ctx.norm_std)
+        y = labels[start : start + EVAL_BATCH_SIZE].to(device=ctx.device, dtype=torch.long)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        preds.append(logits.argmax(1).cpu())
+    model.train(was_training)
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    loss = (loss_sum / max(len(labels), 1)).item()
+    return classification_metrics(pred, labels.cpu(), ctx.train_class_counts, loss=loss)

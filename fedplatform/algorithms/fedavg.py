@@ -1,0 +1,143 @@
+"""FedAvg (McMahan et al. 2017) with the CLIP2FL reference local training (spec §4.2, §4.3 step 1).
+
+`local_sgd` is the reference client loop and `FedAvg.local_loss` its per-batch loss hook: FedProx,
+CReFF and CLIP2FL extend the loss (proximal term, KD) without copying the loop.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedplatform.algorithms.base import (
+    Algorithm,
+    ClientData,
+    ClientUpdate,
+    State,
+    draw_seed,
+    evaluate_model,
+    register_algorithm,
+    seeded_global_rng,
+)
+from fedplatform.config import LocalTraining
+from fedplatform.models.augment import augment, normalize
+from fedplatform.models.backbones import create_model
+
+LocalLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss(model, x, y, index) -> scalar: x the augmented normalised batch, y its labels, index the
+batch's positions in the client's data (to look up per-sample extras such as teacher logits)."""
+
+
+def local_sgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    train: LocalTraining,
+    generator: torch.Generator,
+    loss_fn: LocalLoss,
+) -> float:
+    """Reference local training: train mode, SGD(lr, no momentum, no weight decay), a fresh
+    optimizer per call, `local_epochs` passes reshuffled by `torch.randperm(n, generator)`, batches
+    of `batch_size` with the last partial one kept, `train.augmentation` per batch. `images` are
+    normalised [n, C, H, W] on the model's device. Returns the mean loss over all steps."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.lr)
+    n = len(labels)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    steps = 0
+    for _ in range(train.local_epochs):
+        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
+        for start in range(0, n, train.batch_size):
+            index = order[start : start + train.batch_size]
+            x = augment(images[index], train.augmentation, generator)
+            loss = loss_fn(model, x, labels[index], index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Accumulate on the device: a .item() per step would synchronise a GPU every batch.
+            loss_sum += loss.detach()
+            steps += 1
+    return (loss_sum / steps).item()
+
+
+def weighted_average(states: list[State], weights: list[int]) -> State:
+    """FedAvg: every floating entry (BN running stats included) = sum_k n_k * theta_k / sum_k n_k,
+    accumulated in list order as the reference. Integer entries (BN num_batches_tracked) take the
+    first state's value: the reference averages them too, which only changes a counter that the
+    models here never read (spec §9.11)."""
+    if not states:
+        raise ValueError("cannot aggregate an empty list of client updates")
+    total = sum(weights)
+    out: State = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            acc = first * weights[0]
+            for state, n in zip(states[1:], weights[1:]):
+                acc = acc + state[key] * n
+            out[key] = acc / total
+        else:
+            out[key] = first.clone()
+    return out
+
+
+@register_algorithm("fedavg")
+class FedAvg(Algorithm):
+    """FedAvg: clients run `local_sgd` with cross-entropy from the broadcast model; the server takes
+    the sample-weighted mean of every state entry. Defaults (reference): 10 local epochs, lr 0.1,
+    batch 32, batch-shared crop/flip augmentation. The state is the model's flat state_dict."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._model: nn.Module | None = None
+
+    def build_model(self) -> nn.Module:
+        height, _, channels = self.ctx.image_shape
+        return create_model(self.ctx.cfg.model.name, self.ctx.num_classes, in_channels=channels, image_size=height)
+
+    def working_model(self, state: State) -> nn.Module:
+        """This actor's network on `ctx.device` (built once, kept between rounds), loaded with `state`."""
+        if self._model is None:
+            with seeded_global_rng(0):  # its initial weights are overwritten; keep the global RNG as it was
+                self._model = self.build_model().to(self.ctx.device)
+        self._model.load_state_dict(state)
+        return self._model
+
+    def init_server_state(self, seed: int) -> State:
+        with seeded_global_rng(seed):
+            model = self.build_model()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def broadcast(self, state: State) -> State:
+        return state
+
+    def local_loss(self, payload: State, data: ClientData) -> LocalLoss:
+        """The per-batch loss of this client's local training (built once per update, so it can
+        hold what it precomputes); FedAvg: cross-entropy of the logits."""
+
+        def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(model(x), y)
+
+        return cross_entropy
+
+    def client_update(self, payload: State, data: ClientData, generator: torch.Generator) -> ClientUpdate:
+        if len(data.labels) == 0:
+            raise ValueError(f"client {data.client_id} has no training samples")
+        device = self.ctx.device
+        model = self.working_model(payload)
+        images = normalize(data.images.to(device), self.ctx.norm_mean, self.ctx.norm_std)
+        labels = data.labels.to(device=device, dtype=torch.long)
+        loss_fn = self.local_loss(payload, data)
+        # Any global-RNG use inside the model (e.g. a dropout layer) is seeded from `generator` too,
+        # so the update does not depend on what this actor ran before.
+        with seeded_global_rng(draw_seed(generator), device):
+            train_loss = local_sgd(model, images, labels, self.cfg, generator, loss_fn)
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return ClientUpdate(data.client_id, len(labels), tensors, {"train_loss": train_loss})
+
+    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
+        return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
+
+    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        return evaluate_model(self.working_model(state), images, labels, self.ctx)

@@ -1,0 +1,39 @@
+"""Synthetic load: clients do a fixed, known amount of work on the real model payload.
+
+For measuring the platform itself (orchestration overhead, scaling in the number of logical
+clients): each client busy-waits `work_s` seconds and returns the global weights unchanged, so
+payloads and uploads have the size of the configured model while the compute is known exactly.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
+from fedplatform.algorithms.fedavg import weighted_average
+from fedplatform.models.backbones import create_model
+
+
+@register_algorithm("synthetic")
+class Synthetic(Algorithm):
+    def init_server_state(self, seed: int) -> State:
+        h, w, c = self.ctx.image_shape
+        with seeded_global_rng(seed):
+            model = create_model(self.ctx.cfg.model.name, self.ctx.num_classes, c, h)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def broadcast(self, state: State) -> State:
+        return state
+
+    def client_update(self, payload: State, data: ClientData, generator: torch.Generator) -> ClientUpdate:
+        deadline = time.perf_counter() + self.cfg.work_s
+        while time.perf_counter() < deadline:
+            pass
+        return ClientUpdate(data.client_id, len(data.labels), dict(payload), {"train_loss": 0.0})
+
+    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
+        return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
+
+    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        return {}
