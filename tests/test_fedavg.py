@@ -162,16 +162,16 @@ def test_fedavg_learns_digits_through_the_contract(digits):
     images, labels = digits["train"]
     shards = np.array_split(np.random.default_rng(7).permutation(len(labels)), 5)
     clients = [ClientData(cid, images[rows], labels[rows]) for cid, rows in enumerate(shards)]
-    chance = algo.evaluate(state, *digits["test"])["accuracy"]
+    chance = algo.evaluate(state, ClientData(-1, *digits["test"]))["accuracy"]
     for round in range(1, 4):
         payload = algo.broadcast(state)
         updates = [algo.client_update(payload, c, torch.Generator().manual_seed(1000 * round + c.client_id))
                    for c in clients]
         state = algo.aggregate(state, updates, round)
-    metrics = algo.evaluate(state, *digits["test"])
+    metrics = algo.evaluate(state, ClientData(-1, *digits["test"]))
     assert chance < 0.3 and metrics["accuracy"] > 0.8
     assert len(metrics["per_class_accuracy"]) == 10 and metrics["loss"] > 0
-    assert metrics == algo.evaluate(state, *digits["test"])  # evaluation is deterministic
+    assert metrics == algo.evaluate(state, ClientData(-1, *digits["test"]))  # evaluation is deterministic
 
 
 # ---------------------------------------------------------------------------- FedProx

@@ -6,7 +6,7 @@ The engine runs, checkpoints and resumes any algorithm without knowing what it d
     payload = algo.broadcast(state)                            # server, every round
     update  = algo.client_update(payload, data, generator)     # client actor, per sampled client
     state   = algo.aggregate(state, updates, round)            # server, updates sorted by client id
-    metrics = algo.evaluate(state, test_images, test_labels)   # server, on schedule
+    metrics = algo.evaluate(state, test)                       # server, on schedule (global test set)
 
 State, payload and update tensors are flat `dict[str, Tensor]` on the CPU (safetensors
 checkpoints, Ray object store). One instance lives per actor for the whole run and may keep its
@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,15 +52,20 @@ class Context:
     train_class_counts: np.ndarray
     """[C] global training counts, for the many / medium / few-shot groups."""
     device: torch.device
+    dataset: Any = None
+    """The memory-mapped `FederatedDataset` (store path, encoded images, fingerprint)."""
 
 
 @dataclass
 class ClientData:
-    """One logical client's training samples: uint8 images [n, H, W, C], int64 labels [n]."""
+    """One logical client's samples of one split: uint8 images [n, H, W, C] (None when the store
+    keeps encoded images of varying size), int64 labels [n], and their ids in the prepared store
+    (to look up per-sample extras such as cached CLIP embeddings)."""
 
     client_id: int
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor
+    sample_ids: np.ndarray | None = None
 
 
 @dataclass
@@ -82,6 +87,11 @@ class Algorithm(abc.ABC):
         self.ctx = ctx
         self.cfg = ctx.cfg.algorithm
 
+    @classmethod
+    def prepare(cls, cfg: ExperimentConfig, dataset: Any) -> None:
+        """Driver-side, once per run before any actor starts: build what actors will only read
+        (e.g. a frozen-CLIP feature cache). Default: nothing."""
+
     @abc.abstractmethod
     def init_server_state(self, seed: int) -> State:
         """Initial server state, a function of `seed` alone; the global RNG is left untouched."""
@@ -99,8 +109,14 @@ class Algorithm(abc.ABC):
         """New server state from this round's updates (sorted by client id)."""
 
     @abc.abstractmethod
-    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Test metrics (see `classification_metrics`) of `state` on uint8 images."""
+    def evaluate(self, state: State, test: ClientData) -> dict:
+        """Test metrics (see `classification_metrics`) of `state` on the global test set
+        (passed as a ClientData with client_id -1)."""
+
+    def evaluate_clients(self, state: State, clients: dict[int, dict[str, ClientData]]) -> dict:
+        """Metrics on clients' own held-out splits ({client id: {"val": ..., "test": ...}}), for
+        partitions that give clients val/test splits (per_domain). Default: none."""
+        return {}
 
 
 # ---------------------------------------------------------------------------- registry

@@ -139,5 +139,5 @@ class FedAvg(Algorithm):
     def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
         return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
 
-    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        return evaluate_model(self.working_model(state), images, labels, self.ctx)
+    def evaluate(self, state: State, test: ClientData) -> dict:
+        return evaluate_model(self.working_model(state), test.images, test.labels, self.ctx)

@@ -35,5 +35,5 @@ class Synthetic(Algorithm):
     def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
         return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
 
-    def evaluate(self, state: State, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    def evaluate(self, state: State, test: ClientData) -> dict:
         return {}

@@ -1,0 +1,188 @@
+"""Run one experiment end to end: prepare data, start the actors, loop over rounds, track, checkpoint.
+
+Everything that can be wrong with the input (config, data, resources, tracking store, resume
+target) is checked before the MLflow run or the run directory is created, so bad input never
+leaves a half-made run behind.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from fedplatform import __version__
+from fedplatform.config import ExperimentConfig, flatten, to_yaml
+from fedplatform.errors import UserError
+from fedplatform.runtime import checkpoint as ckpt_io
+from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
+from fedplatform.runtime.engine import Engine, summarize
+from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
+
+# Keys that may change on resume without changing the numbers (more rounds, other resources).
+RESUMABLE_CHANGES = ("rounds", "runtime.", "tracking.", "data.cache_dir", "data.root")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    except ConnectionError as exc:
+        raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
+
+
+def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[Path, Checkpoint, dict]:
+    run_dir = ckpt_io.find_run_dir(cfg.runtime.runs_dir, resume)
+    ckpt, state = ckpt_io.load(run_dir)
+    changed = [k for k in ckpt_io.config_differences(ckpt.config, cfg.model_dump(mode="json"))
+               if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise UserError(f"--resume {resume}: the pipeline differs from the run's config in {', '.join(changed)}; "
+                        "resume with the same settings (only rounds, runtime and tracking may change)")
+    if ckpt.round >= cfg.rounds:
+        raise UserError(f"--resume {resume}: the run already finished {ckpt.round} of rounds={cfg.rounds}; "
+                        f"pass --set rounds=N with N > {ckpt.round} to continue it")
+    return run_dir, ckpt, state
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    tracking_uri: str | None = None,
+    resume: str | None = None,
+    parent_run_id: str | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary."""
+    from fedplatform.data import prepare
+
+    from fedplatform.algorithms import get_algorithm
+
+    ds = prepare(cfg)
+    get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
+    resumed = _resume_target(cfg, resume) if resume else None
+    tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
+    ensure_ray()
+    engine = Engine(cfg, str(ds.path), cfg.runtime.num_client_actors,
+                    server_state=resumed[2] if resumed else None)
+    sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
+    history: list[dict] = []
+    if resumed:
+        run_dir, ckpt, _ = resumed
+        tracker.resume(ckpt.run_id)
+        sampler.set_state(ckpt.sampler)
+        history, start_round = ckpt.history, ckpt.round + 1
+    else:
+        tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                      flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
+        run_dir, start_round = Path(cfg.runtime.runs_dir) / tracker.run_id, 1
+        tracker.log_text("config.yaml", to_yaml(cfg))
+        _log_partition(tracker, ds)
+    try:
+        with _Progress(cfg.rounds, start_round - 1, enabled=progress) as bar:
+            for r in range(start_round, cfg.rounds + 1):
+                evaluate = r % cfg.runtime.eval_every == 0 or r == cfg.rounds
+                row = engine.run_round(r, sampler.sample(), evaluate)
+                history.append(row)
+                tracker.log_metrics(r, {k: v for k, v in row.items() if isinstance(v, (int, float))
+                                        and k != "round"})
+                if r % cfg.runtime.checkpoint_every == 0 or r == cfg.rounds:
+                    ckpt_io.save(run_dir, Checkpoint(r, tracker.run_id, sampler.get_state(),
+                                                     cfg.model_dump(mode="json"), ds.fingerprint,
+                                                     ckpt_io.jsonable(history)), engine.state())
+                bar.update(row)
+                if on_round is not None:
+                    on_round(row)
+        summary = summarize(history)
+        _log_final(tracker, ds, history, summary, engine.state())
+    except BaseException as exc:
+        tracker.finish(exc)
+        raise
+    finally:
+        engine.shutdown()
+    tracker.finish()
+    return RunResult(tracker.run_id, run_dir, history, summary)
+
+
+def _tags(cfg: ExperimentConfig, ds) -> dict[str, str]:
+    tags = {
+        "fedplatform.version": __version__,
+        "fedplatform.algorithm": cfg.algorithm.name,
+        "dataset": ds.dataset,
+        "dataset_fingerprint": ds.fingerprint,
+        "clip_pretrained": str(cfg.clip.model is not None and cfg.clip.pretrained is not None).lower(),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _log_partition(tracker: Tracker, ds) -> None:
+    from fedplatform.tracking.plots import plot_partition
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "partition.png"
+        plot_partition(ds.describe(), path)
+        tracker.log_file(path)
+
+
+def _log_final(tracker: Tracker, ds, history: list[dict], summary: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from fedplatform.tracking.plots import plot_accuracy_curve, plot_per_class_accuracy
+
+    tracker.log_json("summary.json", summary)
+    evals = [h for h in history if h.get("per_class_accuracy") is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        tracker.log_file(tmp / "model.safetensors")
+        if evals:
+            plot_accuracy_curve(history, tmp / "accuracy_curve.png")
+            plot_per_class_accuracy(evals[-1]["per_class_accuracy"], ds.train_class_counts, ds.class_names,
+                                    tmp / "per_class_accuracy.png")
+            tracker.log_file(tmp / "accuracy_curve.png")
+            tracker.log_file(tmp / "per_class_accuracy.png")
+
+
+class _Progress:
+    """A live bar with round, accuracy and time per round (stderr; silent when disabled)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.total, self.done, self.enabled = total, done, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
+        return self
+
+    def update(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        acc = f"acc {row['accuracy']:.4f}  " if "accuracy" in row else ""
+        self.bar.update(self.task, advance=1, info=f"{acc}{row['time/round_s']:.2f} s/round")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False

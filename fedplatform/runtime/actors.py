@@ -1,0 +1,140 @@
+"""Ray actors: `ClientActor` runs any logical client it is handed, `ServerActor` holds the state.
+
+Both open the prepared dataset once (memory-mapped, zero-copy) and build the algorithm once, so
+models stay on their device between rounds. A client's randomness comes only from a generator
+seeded by (seed, round, client id): the result does not depend on which actor runs it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+
+from fedplatform.algorithms import ClientData
+from fedplatform.config import ExperimentConfig
+from fedplatform.errors import UserError
+
+# Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise", "marker": path}
+# makes the actor die (once, guarded by the marker file) or raise when it runs that client.
+FAULT_ENV = "FEDPLATFORM_FAULT_FILE"
+
+
+def client_seed(seed: int, round: int, client_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round, client_id]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def pick_device(setting: str, num_gpus: float) -> torch.device:
+    if setting == "cpu" or (setting == "auto" and num_gpus == 0):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"runtime.device={setting} with num_gpus={num_gpus:g} but this Ray worker sees no CUDA device; "
+            "use runtime.device=cpu or start Ray on a node with GPUs"
+        )
+    return torch.device("cuda")
+
+
+def state_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _Worker:
+    def __init__(self, cfg: dict, store_path: str, num_cpus: float, num_gpus: float):
+        from fedplatform.algorithms import Context, get_algorithm
+        from fedplatform.data import open_store
+
+        self.cfg = ExperimentConfig.model_validate(cfg)
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.device = pick_device(self.cfg.runtime.device, num_gpus)
+        if self.device.type == "cuda" and 0 < num_gpus < 1:
+            # The GPU fraction is also a memory budget: one client cannot OOM the others.
+            torch.cuda.set_per_process_memory_fraction(num_gpus)
+        self.ds = open_store(store_path, verify=False)
+        ctx = Context(cfg=self.cfg, num_classes=self.ds.num_classes, class_names=self.ds.class_names,
+                      image_shape=self.ds.image_shape, norm_mean=self.ds.norm_mean, norm_std=self.ds.norm_std,
+                      train_class_counts=self.ds.train_class_counts, device=self.device, dataset=self.ds)
+        self.algo = get_algorithm(self.cfg.algorithm.name)(ctx)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "device": str(self.device), "node": ray.get_runtime_context().get_node_id()}
+
+    def _data(self, client_id: int, ids: np.ndarray) -> ClientData:
+        """Pixels for fixed-size stores; for encoded stores images stay None (algorithms decode or
+        use cached features by `sample_ids`)."""
+        images = torch.from_numpy(self.ds.pixels(ids)) if self.ds.image_shape is not None else None
+        return ClientData(client_id, images, torch.from_numpy(np.asarray(self.ds.labels[ids])), ids)
+
+
+def _maybe_inject_fault(round: int, client_id: int) -> None:
+    path = os.environ.get(FAULT_ENV)
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        fault = json.load(f)
+    if fault.get("round") != round or fault.get("client") != client_id:
+        return
+    if fault["action"] == "raise":
+        raise RuntimeError(f"injected failure for client {client_id} in round {round}")
+    marker = fault["marker"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+@ray.remote
+class ClientActor(_Worker):
+    @ray.method(num_returns=2)
+    def train(self, payload: dict, client_id: int, round: int):
+        """Returns (small status for the driver, update for the server): the driver never fetches updates."""
+        _maybe_inject_fault(round, client_id)
+        start = time.perf_counter()
+        data = self._data(client_id, self.ds.client_samples(client_id))
+        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, round, client_id))
+        update = self.algo.client_update(payload, data, gen)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        status = {"client_id": client_id, "num_samples": update.num_samples, "metrics": update.metrics,
+                  "compute_s": time.perf_counter() - start, "bytes_up": state_bytes(update.tensors)}
+        return status, update
+
+
+@ray.remote
+class ServerActor(_Worker):
+    def __init__(self, cfg: dict, store_path: str, num_cpus: float, num_gpus: float,
+                 state: dict[str, torch.Tensor] | None = None):
+        super().__init__(cfg, store_path, num_cpus, num_gpus)
+        self.state = state if state is not None else self.algo.init_server_state(self.cfg.seed)
+        self._payload_bytes = 0
+        self._test = self._data(-1, self.ds.test_ids)
+        self._client_splits = {
+            cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in ("val", "test")}
+            for cid in self.ds.client_ids if len(self.ds.client_samples(cid, "test"))
+        }
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        payload = self.algo.broadcast(self.state)
+        self._payload_bytes = state_bytes(payload)
+        return payload
+
+    def payload_bytes(self) -> int:
+        return self._payload_bytes
+
+    def aggregate(self, round: int, update_refs: list) -> float:
+        start = time.perf_counter()
+        updates = sorted(ray.get(update_refs), key=lambda u: u.client_id)
+        self.state = self.algo.aggregate(self.state, updates, round)
+        return time.perf_counter() - start
+
+    def evaluate(self) -> tuple[dict, float]:
+        start = time.perf_counter()
+        metrics = self.algo.evaluate(self.state, self._test) if len(self._test.labels) else {}
+        if self._client_splits:
+            metrics.update(self.algo.evaluate_clients(self.state, self._client_splits))
+        return metrics, time.perf_counter() - start
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.state.items()}

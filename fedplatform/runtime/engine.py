@@ -1,0 +1,187 @@
+"""The round loop: seeded sampling, dispatch over a work queue of client actors, aggregation on
+the server actor, evaluation, MLflow logging and checkpoints.
+
+One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
+store once; each sampled client is handed to the next idle actor; clients return a small status
+(to the driver) and an update reference (to the server, never through the driver); the server
+aggregates in client-id order, so neither the actor count nor finishing order changes the result.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+import statistics
+import time
+from collections import deque
+
+import ray
+
+from fedplatform.config import ExperimentConfig
+from fedplatform.errors import UserError
+from fedplatform.runtime.actors import ClientActor, ServerActor
+from fedplatform.runtime.resources import check_server_fits, client_pool_size
+
+ACTOR_START_TIMEOUT_S = 300.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class ClientError(RuntimeError):
+    """A client raised: carries the client id, the round and the client's own traceback."""
+
+
+class RoundTimeout(RuntimeError):
+    pass
+
+
+def ideal_client_time(durations: list[float], num_actors: int) -> float:
+    """Makespan of the measured client durations list-scheduled, in dispatch order, on the actors."""
+    finish = [0.0] * min(num_actors, max(1, len(durations)))
+    for d in durations:
+        heapq.heapreplace(finish, finish[0] + d)
+    return max(finish)
+
+
+def summarize(history: list[dict]) -> dict:
+    evals = [h for h in history if "accuracy" in h]
+    if not evals:
+        return {"rounds": len(history)}
+    best = max(evals, key=lambda h: h["accuracy"])
+    last = evals[-1]
+    out = {
+        "rounds": history[-1]["round"],
+        "final_accuracy": last["accuracy"],
+        "best_accuracy": best["accuracy"],
+        "best_round": best["round"],
+        "mean_last10_accuracy": statistics.fmean(h["accuracy"] for h in evals[-10:]),
+    }
+    for key in ("many_shot_acc", "medium_shot_acc", "few_shot_acc"):
+        if key in last:
+            out[f"final_{key}"] = last[key]
+    out["total_time_s"] = sum(h["time/round_s"] for h in history)
+    return out
+
+
+class _Pool:
+    """Client actors; a dead one is replaced in place."""
+
+    def __init__(self, n: int, args: tuple, res):
+        self.args, self.res = args, res
+        self.actors = [self._new() for _ in range(n)]
+        try:
+            self.wait_ready(self.actors)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _new(self):
+        return ClientActor.options(num_cpus=self.res.num_cpus, num_gpus=self.res.num_gpus).remote(*self.args)
+
+    @staticmethod
+    def wait_ready(actors) -> list[dict]:
+        refs = [a.ready.remote() for a in actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
+        if pending:
+            raise UserError(
+                f"{len(pending)} of {len(refs)} actors could not be started within {ACTOR_START_TIMEOUT_S:.0f} s; "
+                f"the Ray cluster has {ray.cluster_resources()} — lower runtime resources or add nodes"
+            )
+        return ray.get(ready)
+
+    def replace(self, i: int) -> None:
+        ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self._new()
+        self.wait_ready([self.actors[i]])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+class Engine:
+    def __init__(self, cfg: ExperimentConfig, store_path: str, num_actors: int, server_state=None):
+        rt = cfg.runtime
+        args = (cfg.model_dump(mode="json"), store_path)
+        self.cfg = cfg
+        check_server_fits(rt.server_resources)
+        self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
+                                          num_gpus=rt.server_resources.num_gpus).remote(
+            *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
+        try:
+            _Pool.wait_ready([self.server])
+            n = client_pool_size(num_actors, rt.client_resources, cfg.clients_per_round)
+            self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
+                              rt.client_resources)
+        except BaseException:
+            ray.kill(self.server, no_restart=True)
+            raise
+
+    def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
+        cfg, start = self.cfg, time.perf_counter()
+        deadline = start + cfg.runtime.round_timeout_s
+        payload = self.server.broadcast.remote()  # one object-store copy shared by every client
+        queue, idle = deque(clients), list(range(len(self.pool.actors)))
+        running: dict = {}
+        retries = {c: 0 for c in clients}
+        done: dict[int, tuple[dict, ray.ObjectRef]] = {}
+        durations: list[float] = []
+        while queue or running:
+            while queue and idle:
+                i, cid = idle.pop(0), queue.popleft()
+                status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
+                running[status_ref] = (i, cid, update_ref)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                names = sorted(cid for _, cid, _ in running.values())
+                raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={cfg.runtime.round_timeout_s:g}; "
+                                   f"clients still running: {names}")
+            for ref in ready:
+                i, cid, update_ref = running.pop(ref)
+                try:
+                    status = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    retries[cid] += 1
+                    if retries[cid] > cfg.runtime.max_client_retries:
+                        raise ClientError(f"client {cid} in round {round}: its actor died "
+                                          f"{retries[cid]} times (runtime.max_client_retries="
+                                          f"{cfg.runtime.max_client_retries}): {exc}") from None
+                    self.pool.replace(i)
+                    queue.appendleft(cid)
+                except ray.exceptions.RayTaskError as exc:
+                    trace = ANSI.sub("", str(exc)).strip()
+                    raise ClientError(f"client {cid} failed in round {round}. Traceback from its actor:\n"
+                                      f"{trace}") from None
+                else:
+                    done[cid] = (status, update_ref)
+                    durations.append(status["compute_s"])
+                idle.append(i)
+        order = sorted(done)
+        server_s = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
+        row: dict = {"round": round, "clients": list(clients)}
+        if evaluate:
+            metrics, eval_s = ray.get(self.server.evaluate.remote())
+            server_s += eval_s
+            row.update({k: v for k, v in metrics.items() if k != "per_class_accuracy"})
+            row["per_class_accuracy"] = metrics.get("per_class_accuracy")
+        statuses = [done[c][0] for c in order]
+        losses = [s["metrics"]["train_loss"] for s in statuses if "train_loss" in s["metrics"]]
+        if losses:
+            row["train_loss"] = statistics.fmean(losses)
+        wall = time.perf_counter() - start
+        client_s = ideal_client_time(durations, len(self.pool.actors))
+        payload_bytes = ray.get(self.server.payload_bytes.remote())
+        row.update({
+            "time/round_s": wall,
+            "time/client_compute_s": client_s,
+            "time/server_s": server_s,
+            "time/orchestration_s": max(0.0, wall - client_s - server_s),
+            "comm/bytes_down": payload_bytes * len(clients),
+            "comm/bytes_up": sum(s["bytes_up"] for s in statuses),
+        })
+        return row
+
+    def state(self) -> dict:
+        return ray.get(self.server.get_state.remote())
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        ray.kill(self.server, no_restart=True)

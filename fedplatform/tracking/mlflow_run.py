@@ -1,0 +1,131 @@
+"""One MLflow run per experiment, driven through `MlflowClient` (no global active-run state).
+
+The tracking store is resolved as: explicit argument (--tracking-uri) > $MLFLOW_TRACKING_URI >
+the pipeline's `tracking.tracking_uri` > a local SQLite file `mlflow.db` in the working directory.
+The store is checked before any training starts, so an unreachable server fails in seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedplatform.errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+# Lands users on the "Model training" runs table instead of MLflow 3's GenAI view.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def resolve_uri(explicit: str | None, configured: str | None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
+
+
+def _check_reachable(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"tracking URI '{uri}': directory '{parent}' does not exist; create it or use another --tracking-uri")
+        return
+    if uri.startswith(("http://", "https://")):
+        # Fail in seconds, not after MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach"
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"tracking server '{uri}' cannot be reached ({reason}); start it, fix --tracking-uri, "
+                f"or use a local store such as {DEFAULT_URI}"
+            ) from None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """Logs one experiment to one MLflow run; `run_id` survives resumes."""
+
+    def __init__(self, uri: str):
+        _check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.run_id: str | None = None
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
+
+    def start(self, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if run_name:
+            all_tags["mlflow.runName"] = run_name
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self._experiment_id(experiment), tags=all_tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow's per-batch param limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.run_id
+
+    def resume(self, run_id: str) -> None:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001
+            raise UserError(f"MLflow run '{run_id}' does not exist in tracking store '{self.uri}'") from None
+        self.run_id = run.info.run_id
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_file(self, path: str | Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, name: str, text: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(text)
+            self.log_file(p)
+
+    def log_json(self, name: str, obj: Any) -> None:
+        self.log_text(name, json.dumps(obj, indent=2, sort_keys=True))
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.run_id is None:
+            return
+        status = "FINISHED"
+        if error is not None:
+            self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.client.set_terminated(self.run_id, status=status)

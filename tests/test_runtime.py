@@ -1,0 +1,203 @@
+"""The Ray runtime end to end on digits: learning, reproducibility, failures, tracking, resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from fedplatform.config import validate
+from fedplatform.errors import UserError
+from fedplatform.experiment import run_experiment
+from fedplatform.runtime.checkpoint import find_run_dir, load
+from fedplatform.runtime.engine import ClientError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (4 logical CPUs: a server and 3 client actors)."""
+    import ray
+
+    from fedplatform.runtime.actors import FAULT_ENV
+
+    fault_file = tmp_path_factory.mktemp("faults") / "fault.json"
+    os.environ[FAULT_ENV] = str(fault_file)  # before ray.init: workers inherit the environment
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield {"fault_file": fault_file}
+    ray.shutdown()
+
+
+
+def make_cfg(tmp, **over):
+    raw = {
+        "name": "rt", "seed": 3,
+        "data": {"dataset": "digits", "imbalance_factor": 10, "cache_dir": str(tmp / "cache")},
+        "partition": {"scheme": "dirichlet", "num_clients": 10, "dirichlet_alpha": 0.5, "min_client_size": 10},
+        "model": {"name": "small_cnn"},
+        "algorithm": {"name": "fedavg", "local_epochs": 1, "lr": 0.05, "batch_size": 32, "augmentation": "none"},
+        "rounds": 3, "clients_per_round": 5,
+        "runtime": {"num_client_actors": 1, "runs_dir": str(tmp / "runs")},
+        "tracking": {"experiment": "tests"},
+    }
+    for key, value in over.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate(raw)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runtime")
+    return tmp, f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def baseline(work):
+    tmp, uri = work
+    return run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
+
+
+class Faults:
+    """Writes the chaos-testing fault file the client actors read (see runtime.actors.FAULT_ENV)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, **spec):
+        self.path.write_text(json.dumps(spec))
+
+    def clear(self):
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def fault(ray_session):
+    faults = Faults(ray_session["fault_file"])
+    yield faults
+    faults.clear()
+
+
+def final_state(result):
+    _, state = load(result.run_dir)
+    return state
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fedavg_on_digits_learns_well_above_chance(work):
+    tmp, uri = work
+    result = run_experiment(make_cfg(tmp, rounds=8, **{"algorithm.local_epochs": 2}), tracking_uri=uri,
+                            progress=False)
+    assert result.history[-1]["accuracy"] > 0.6  # chance is 0.1
+
+
+def test_same_seed_gives_bit_identical_weights_with_one_and_three_actors(work, baseline):
+    tmp, uri = work
+    three = run_experiment(make_cfg(tmp, **{"runtime.num_client_actors": 3}), tracking_uri=uri, progress=False)
+    assert_same_state(final_state(baseline), final_state(three))
+    assert [h["accuracy"] for h in three.history] == [h["accuracy"] for h in baseline.history]
+
+
+def test_killed_client_actor_is_replaced_and_the_result_is_unchanged(work, baseline, fault):
+    tmp, uri = work
+    client = baseline.history[1]["clients"][2]
+    fault(round=2, client=client, action="exit", marker=str(tmp / "killed-once"))
+    result = run_experiment(make_cfg(tmp, **{"runtime.num_client_actors": 2}), tracking_uri=uri, progress=False)
+    assert (tmp / "killed-once").exists()  # the actor really died
+    assert_same_state(final_state(baseline), final_state(result))
+
+
+def test_client_exception_names_client_and_round_with_its_traceback_and_fails_the_run(work, baseline, fault):
+    tmp, uri = work
+    client = baseline.history[0]["clients"][0]
+    fault(round=1, client=client, action="raise")
+    with pytest.raises(ClientError) as info:
+        run_experiment(make_cfg(tmp, **{"tracking.run_name": "fails"}), tracking_uri=uri, progress=False)
+    message = str(info.value)
+    assert f"client {client} failed in round 1" in message
+    assert "Traceback" in message and 'File "' in message and "injected failure" in message
+    runs = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`mlflow.runName` = 'fails'")
+    assert runs and runs[0].info.status == "FAILED"
+    assert "injected failure" in runs[0].data.tags["error"]
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(work, baseline, fault):
+    tmp, uri = work
+    client = baseline.history[2]["clients"][0]
+    fault(round=3, client=client, action="raise")
+    with pytest.raises(ClientError):
+        run_experiment(make_cfg(tmp, **{"tracking.run_name": "crashes"}), tracking_uri=uri, progress=False)
+    client_ = MlflowClient(uri)
+    exp = client_.get_experiment_by_name("tests").experiment_id
+    run_id = client_.search_runs([exp], filter_string="tags.`mlflow.runName` = 'crashes'")[0].info.run_id
+    ckpt, _ = load(find_run_dir(tmp / "runs", run_id))
+    assert ckpt.round == 2
+    fault.clear()
+    resumed = run_experiment(make_cfg(tmp, **{"tracking.run_name": "crashes"}), tracking_uri=uri, resume=run_id, progress=False)
+    assert resumed.run_id == run_id
+    assert_same_state(final_state(baseline), final_state(resumed))
+    assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in baseline.history]
+    run = client_.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client_.get_metric_history(run_id, "accuracy")][-1] == 3
+
+
+def test_mlflow_holds_params_tags_per_round_metrics_and_artifacts(work, baseline):
+    tmp, uri = work
+    client = MlflowClient(uri)
+    run = client.get_run(baseline.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algorithm.name"] == "fedavg"
+    assert run.data.params["partition.num_clients"] == "10"
+    assert run.data.tags["fedplatform.version"]
+    assert run.data.tags["dataset_fingerprint"]
+    assert run.data.tags["clip_pretrained"] == "false"
+    for metric in ("accuracy", "many_shot_acc", "few_shot_acc", "train_loss", "time/round_s",
+                   "time/client_compute_s", "time/server_s", "time/orchestration_s",
+                   "comm/bytes_down", "comm/bytes_up"):
+        steps = [m.step for m in client.get_metric_history(baseline.run_id, metric)]
+        assert steps == [1, 2, 3], metric
+    artifacts = {a.path for a in client.list_artifacts(baseline.run_id)}
+    assert {"config.yaml", "partition.png", "accuracy_curve.png", "per_class_accuracy.png",
+            "model.safetensors", "summary.json"} <= artifacts
+    weights = load_file(client.download_artifacts(baseline.run_id, "model.safetensors", str(tmp)))
+    assert_same_state(weights, final_state(baseline))
+    summary = json.loads(open(client.download_artifacts(baseline.run_id, "summary.json", str(tmp))).read())
+    assert summary["final_accuracy"] == baseline.history[-1]["accuracy"]
+
+
+def test_gpu_fraction_the_cluster_cannot_place_is_a_clear_error(work):
+    tmp, uri = work
+    cfg = make_cfg(tmp, **{"runtime.client_resources": {"num_cpus": 1, "num_gpus": 0.25}})
+    with pytest.raises(UserError, match=r"num_gpus=0.25.*0 GPUs"):
+        run_experiment(cfg, tracking_uri=uri, progress=False)
+
+
+def test_resume_of_a_run_that_does_not_exist_is_a_clear_error(work):
+    tmp, uri = work
+    with pytest.raises(UserError, match="no checkpoint found"):
+        run_experiment(make_cfg(tmp), tracking_uri=uri, resume="nope", progress=False)
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(work):
+    tmp, _ = work
+    runs_before = set((tmp / "runs").iterdir()) if (tmp / "runs").exists() else set()
+    with pytest.raises(UserError, match="cannot be reached"):
+        run_experiment(make_cfg(tmp), tracking_uri="http://127.0.0.1:9", progress=False)
+    runs_after = set((tmp / "runs").iterdir()) if (tmp / "runs").exists() else set()
+    assert runs_after == runs_before
