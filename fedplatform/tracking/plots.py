@@ -29,10 +29,12 @@ def plot_partition(describe: dict, path: str | Path) -> Path:
     image = ax.imshow(np.ma.masked_equal(counts, 0), aspect="auto", interpolation="nearest", cmap="viridis",
                       norm=LogNorm(vmin=1, vmax=max(int(counts.max()), 2)))
     fig.colorbar(image, ax=ax, label="training samples")
-    ax.set_xlabel("class (head \u2192 tail)")
     ax.set_ylabel("client")
     if num_classes <= 30:
+        ax.set_xlabel("class (head \u2192 tail)")
         ax.set_xticks(range(num_classes), names, rotation=60, ha="right", fontsize=8)
+    else:
+        ax.set_xlabel("class rank by training samples (head \u2192 tail)")
     ax.set_yticks(range(num_clients), [str(c["id"]) for c in describe["clients"]],
                   fontsize=8 if num_clients <= 40 else 5)
     total = int(counts.sum())
@@ -89,6 +91,46 @@ def plot_per_class_accuracy(per_class: list[float], train_counts, class_names: l
     ax.set_xlabel("class (head to tail)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_sweep_metric(rows: list[dict], key: str, metric: str, path: str | Path) -> Path:
+    """Sweep comparison: `metric` of each trial against the swept `key`, one series per algorithm."""
+    fig = _figure((6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for algorithm in sorted({r["algorithm"] for r in rows}):
+        pts = sorted((r[key], r[metric]) for r in rows if r["algorithm"] == algorithm
+                     and r.get(key) is not None and r.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=algorithm)
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    if values and min(values) > 0 and max(values) / min(values) >= 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title(f"final {metric} vs {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(title="algorithm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_sweep_groups(rows: list[dict], metrics: tuple[str, ...], path: str | Path) -> Path:
+    """Grouped bars: one group per trial, one bar per metric (e.g. many / medium / few-shot accuracy)."""
+    fig = _figure((max(6, 0.6 * len(rows) * len(metrics)), 4))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(metrics)
+    for j, metric in enumerate(metrics):
+        ax.bar([i + j * width for i in range(len(rows))], [r.get(metric) or 0.0 for r in rows], width,
+               label=metric)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([str(r["trial"]) for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)

@@ -1,0 +1,203 @@
+"""The `fedplatform` command line.
+
+Each command is one `add_*` function that declares its parser and points it at one `cmd_*`
+handler returning the exit code; `COMMANDS` lists the top-level ones. A `UserError` (bad
+config, missing data, ...) prints `error: <message>` on one line to stderr and exits with 2;
+`--debug` adds the traceback. Results go to stdout, progress and warnings to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from fedplatform import __version__
+from fedplatform.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as UserError (one line, exit code 2)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+# --debug is accepted before or after the command: `fedplatform --debug data describe x`
+# and `fedplatform data describe x --debug` (SUPPRESS keeps the sub-parser from resetting it).
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks and debug logging")
+
+
+# ---------------------------------------------------------------------------- version
+
+
+def add_version(sub) -> None:
+    p = sub.add_parser("version", parents=[_COMMON], help="print the fedplatform version")
+    p.set_defaults(handler=cmd_version)
+
+
+def cmd_version(args) -> int:
+    print(__version__)
+    return 0
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", parents=[_COMMON], help="prepare and inspect federated datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    add_data_describe(data_sub)
+
+
+def add_data_describe(sub) -> None:
+    p = sub.add_parser(
+        "describe", parents=[_COMMON],
+        help="prepare a pipeline's federated dataset and show its class counts and client histograms",
+    )
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.imbalance_factor=50 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw a client x class heatmap")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the prepared data even if cached")
+    p.set_defaults(handler=cmd_data_describe)
+
+
+def cmd_data_describe(args) -> int:
+    from fedplatform.config import load_config
+    from fedplatform.data import prepare
+
+    cfg = load_config(args.pipeline, args.overrides)
+    ds = prepare(cfg, rebuild=args.rebuild)
+    desc = ds.describe()
+    if args.plot:
+        from fedplatform.tracking.plots import plot_partition
+
+        plot_partition(desc, args.plot)
+        logging.getLogger("fedplatform").info("wrote %s", args.plot)
+    if args.json:
+        print(json.dumps(desc))
+    else:
+        _print_description(desc, ds)
+    return 0
+
+
+def _print_description(desc: dict, ds) -> None:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
+        console = Console(width=200)
+    names, C = desc["class_names"], desc["num_classes"]
+    train, test = np.array(desc["train_class_counts"]), np.array(desc["test_class_counts"])
+    hist = np.array([c["class_counts"] for c in desc["clients"]])
+    sizes, present = hist.sum(1), (hist > 0).sum(1)
+    console.print(f"[bold]{desc['dataset']}[/]: {C} classes, {len(desc['clients'])} clients, "
+                  f"{train.sum():,} train / {test.sum():,} global test samples  [dim]{ds.path}[/]")
+
+    order = np.argsort(-train, kind="stable")
+    if C <= 20:
+        console.print("train class counts, head to tail")
+        table = Table()
+        for col in ("class", "name", "train", "test"):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        for c in order:
+            table.add_row(str(c), names[c], f"{train[c]:,}", f"{test[c]:,}")
+        console.print(table)
+    else:
+        console.print("train class counts, head to tail: " + " ".join(str(train[c]) for c in order))
+
+    # Per-client histogram: one column per class, or per group of consecutive classes when wide.
+    width = 1 if C <= 20 else -(-C // 10)
+    groups = [(s, min(s + width, C)) for s in range(0, C, width)]
+    splits = {s: [len(ds.client_samples(c["id"], s)) for c in desc["clients"]] for s in ("val", "test")}
+    console.print("client label histograms (train)" + ("" if width == 1 else f", classes in groups of {width}"))
+    table = Table()
+    table.add_column("client", justify="right")
+    if ds.domain_names:
+        table.add_column("domain")
+    table.add_column("train", justify="right")
+    for s in ("val", "test"):
+        if any(splits[s]):
+            table.add_column(s, justify="right")
+    table.add_column("classes", justify="right")
+    for a, b in groups:
+        table.add_column(str(a) if b - a == 1 else f"{a}-{b - 1}", justify="right")
+    for i, client in enumerate(desc["clients"]):
+        cells = [str(client["id"])]
+        if ds.domain_names:
+            domains = np.unique(ds.domains[ds.client_samples(client["id"])])
+            cells.append(", ".join(ds.domain_names[d] for d in domains))
+        cells += [f"{sizes[i]:,}"] + [str(splits[s][i]) for s in ("val", "test") if any(splits[s])]
+        cells.append(str(present[i]))
+        for a, b in groups:
+            n = int(hist[i, a:b].sum())
+            cells.append(str(n) if n else "[dim]·[/]")
+        table.add_row(*cells)
+    console.print(table)
+
+    nonzero = train[train > 0]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("clients", str(len(sizes)))
+    summary.add_row("train samples per client", f"min {sizes.min():,}  mean {sizes.mean():,.1f}  max {sizes.max():,}")
+    summary.add_row("classes per client", f"min {present.min()}  mean {present.mean():.1f}  max {present.max()}")
+    summary.add_row("clients holding all classes", str(int((present == C).sum())))
+    summary.add_row("imbalance (largest / smallest train class)", f"{nonzero.max() / nonzero.min():.1f}")
+    summary.add_row("global test samples", f"{test.sum():,}")
+    summary.add_row("fingerprint", ds.fingerprint[:16])
+    console.print(summary)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+COMMANDS = [add_version, add_data]
+"""Top-level commands, in --help order (run, sweep, cache and ui add themselves here)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedplatform", description="Federated learning with CLIP guidance, on Ray.")
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+class _LogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    root = logging.getLogger("fedplatform")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.debug)
+        return args.handler(args)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

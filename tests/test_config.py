@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from fedplatform.config import ConfigError, load_config, parse_value
+from fedplatform.errors import UserError
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def error_of(tmp_path, text="", overrides=()):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, list(overrides))
+    msg = str(err.value)
+    assert "\n" not in msg and isinstance(err.value, UserError)
+    return msg
+
+
+def test_unknown_key_names_it_and_the_allowed_keys(tmp_path):
+    msg = error_of(tmp_path, "data:\n  imbalance: 10\n")
+    assert msg.startswith("unknown key 'data.imbalance'") and "imbalance_factor" in msg
+
+
+def test_imbalance_factor_below_one(tmp_path):
+    assert "data.imbalance_factor=0.5" in error_of(tmp_path, overrides=["data.imbalance_factor=0.5"])
+
+
+@pytest.mark.parametrize("alpha", ["0", "-1"])
+def test_dirichlet_alpha_must_be_positive(tmp_path, alpha):
+    assert f"partition.dirichlet_alpha={alpha}" in error_of(tmp_path, overrides=[f"partition.dirichlet_alpha={alpha}"])
+
+
+def test_unknown_algorithm_lists_the_known_ones(tmp_path):
+    msg = error_of(tmp_path, "algorithm:\n  name: fedsgd\n")
+    assert "algorithm.name='fedsgd' is not a known algorithm" in msg and "fedavg" in msg and "fedprox" in msg
+
+
+def test_clients_per_round_cannot_exceed_num_clients(tmp_path):
+    msg = error_of(tmp_path, overrides=["partition.num_clients=4", "clients_per_round=5"])
+    assert msg.startswith("clients_per_round=5 exceeds partition.num_clients=4")
+
+
+def test_set_without_equals_sign(tmp_path):
+    assert "expected KEY=VALUE" in error_of(tmp_path, overrides=["seed"])
+
+
+def test_set_types_values_like_yaml():
+    assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
+    assert parse_value("0.05") == 0.05
+    assert parse_value("true") is True and parse_value("false") is False
+    assert parse_value("[0.5, 0.25, 0.25]") == [0.5, 0.25, 0.25]
+    assert parse_value("./data/cifar10") == "./data/cifar10"
+
+
+def test_set_overrides_are_typed_in_the_config(tmp_path):
+    cfg = load_config(PIPELINES / "quickstart.yaml", [
+        "seed=11", "data.imbalance_factor=50", "data.download=true",
+        "partition.split_fractions=[0.5,0.25,0.25]", "algorithm.lr=0.01", "data.root=/tmp/x"])
+    assert cfg.seed == 11 and cfg.data.imbalance_factor == 50.0 and cfg.data.download is True
+    assert cfg.partition.split_fractions == (0.5, 0.25, 0.25) and cfg.algorithm.lr == 0.01
+    assert cfg.data.root == "/tmp/x"
+
+
+def test_a_wrongly_typed_value_is_one_line(tmp_path):
+    msg = error_of(tmp_path, overrides=["partition.num_clients=many"])
+    assert msg.startswith("partition.num_clients='many' is invalid")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "clip2fl_cifar10_lt", "clip2fl_cifar100_lt", "fedclip_pacs"])
+def test_shipped_pipelines_are_valid(name):
+    cfg = load_config(PIPELINES / f"{name}.yaml")
+    assert cfg.name == name
+
+
+def test_pipelines_carry_the_reference_settings():
+    c10 = load_config(PIPELINES / "clip2fl_cifar10_lt.yaml")
+    settings = (c10.seed, c10.data.imbalance_factor, c10.partition.scheme, c10.partition.num_clients,
+                c10.partition.dirichlet_alpha, c10.clients_per_round, c10.rounds)
+    assert settings == (7, 100, "clip2fl_reference", 20, 0.5, 8, 200)
+    pacs = load_config(PIPELINES / "fedclip_pacs.yaml")
+    assert (pacs.seed, pacs.data.test_domain, pacs.partition.num_clients, pacs.partition.split_fractions) == \
+        (0, "art_painting", 3, (0.6, 0.2, 0.2))
