@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input or environment the user can fix; the message names the value and what is valid."""
+
+
+class RunFailed(RuntimeError):
+    """A run stopped because of what happened during training (a client raised, a round timed
+    out); the message carries the details, e.g. the client's traceback."""

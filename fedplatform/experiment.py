@@ -64,6 +64,7 @@ def run_experiment(
     parent_run_id: str | None = None,
     on_round: Callable[[dict], None] | None = None,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary."""
     from fedplatform.data import prepare
@@ -74,7 +75,7 @@ def run_experiment(
     get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
     resumed = _resume_target(cfg, resume) if resume else None
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
-    ensure_ray()
+    ensure_ray(ray_address)
     engine = Engine(cfg, str(ds.path), cfg.runtime.num_client_actors,
                     server_state=resumed[2] if resumed else None)
     sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -13,25 +12,9 @@ from fedplatform.config import validate
 from fedplatform.errors import UserError
 from fedplatform.experiment import run_experiment
 from fedplatform.runtime.checkpoint import find_run_dir, load
-from fedplatform.runtime.engine import ClientError
+from fedplatform.runtime.engine import ClientError, RoundTimeout
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-@pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One local Ray for the whole test session (4 logical CPUs: a server and 3 client actors)."""
-    import ray
-
-    from fedplatform.runtime.actors import FAULT_ENV
-
-    fault_file = tmp_path_factory.mktemp("faults") / "fault.json"
-    os.environ[FAULT_ENV] = str(fault_file)  # before ray.init: workers inherit the environment
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield {"fault_file": fault_file}
-    ray.shutdown()
-
 
 
 def make_cfg(tmp, **over):
@@ -179,6 +162,15 @@ def test_mlflow_holds_params_tags_per_round_metrics_and_artifacts(work, baseline
     assert_same_state(weights, final_state(baseline))
     summary = json.loads(open(client.download_artifacts(baseline.run_id, "summary.json", str(tmp))).read())
     assert summary["final_accuracy"] == baseline.history[-1]["accuracy"]
+
+
+def test_round_exceeding_its_timeout_fails_naming_the_clients_still_running(work, baseline, fault):
+    tmp, uri = work
+    client = baseline.history[0]["clients"][1]
+    fault(round=1, client=client, action="hang", seconds=60)
+    with pytest.raises(RoundTimeout, match=rf"round 1 exceeded runtime.round_timeout_s=8; clients still running: \[{client}\]"):
+        run_experiment(make_cfg(tmp, **{"runtime.round_timeout_s": 8, "runtime.num_client_actors": 2}),
+                       tracking_uri=uri, progress=False)
 
 
 def test_gpu_fraction_the_cluster_cannot_place_is_a_clear_error(work):

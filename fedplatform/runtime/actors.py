@@ -18,8 +18,9 @@ from fedplatform.algorithms import ClientData
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import UserError
 
-# Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise", "marker": path}
-# makes the actor die (once, guarded by the marker file) or raise when it runs that client.
+# Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang", ...}
+# makes the actor die (once, guarded by the file named by "marker"), raise, or stall for "seconds"
+# when it runs that client.
 FAULT_ENV = "FEDPLATFORM_FAULT_FILE"
 
 
@@ -79,6 +80,9 @@ def _maybe_inject_fault(round: int, client_id: int) -> None:
         return
     if fault["action"] == "raise":
         raise RuntimeError(f"injected failure for client {client_id} in round {round}")
+    if fault["action"] == "hang":
+        time.sleep(fault["seconds"])
+        return
     marker = fault["marker"]
     if not os.path.exists(marker):
         open(marker, "w").close()

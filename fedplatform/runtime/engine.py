@@ -17,7 +17,7 @@ from collections import deque
 import ray
 
 from fedplatform.config import ExperimentConfig
-from fedplatform.errors import UserError
+from fedplatform.errors import RunFailed, UserError
 from fedplatform.runtime.actors import ClientActor, ServerActor
 from fedplatform.runtime.resources import check_server_fits, client_pool_size
 
@@ -25,11 +25,11 @@ ACTOR_START_TIMEOUT_S = 300.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class ClientError(RuntimeError):
+class ClientError(RunFailed):
     """A client raised: carries the client id, the round and the client's own traceback."""
 
 
-class RoundTimeout(RuntimeError):
+class RoundTimeout(RunFailed):
     pass
 
 
@@ -97,6 +97,18 @@ class _Pool:
             ray.kill(a, no_restart=True)
 
 
+def _server_bundle() -> dict:
+    """Inside a placement group (a Tune trial) the server takes bundle 0, so bundles 1.. stay free
+    for client actors whatever their shapes."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
 class Engine:
     def __init__(self, cfg: ExperimentConfig, store_path: str, num_actors: int, server_state=None):
         rt = cfg.runtime
@@ -104,7 +116,8 @@ class Engine:
         self.cfg = cfg
         check_server_fits(rt.server_resources)
         self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
-                                          num_gpus=rt.server_resources.num_gpus).remote(
+                                          num_gpus=rt.server_resources.num_gpus,
+                                          **_server_bundle()).remote(
             *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
         try:
             _Pool.wait_ready([self.server])
