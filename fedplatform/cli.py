@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from fedplatform import __version__
-from fedplatform.errors import UserError
+from fedplatform.errors import RunFailed, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,9 +154,129 @@ def _print_description(desc: dict, ds) -> None:
     console.print(summary)
 
 
+# ---------------------------------------------------------------------------- run
+
+
+def _add_pipeline_args(p) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set algorithm.lr=0.05 (repeatable)")
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", parents=[_COMMON], help="train one federated experiment on Ray")
+    _add_pipeline_args(p)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run (its id or run directory) from its last checkpoint")
+    p.add_argument("--ray-address", help="connect to a running Ray cluster instead of starting a local one")
+    p.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from fedplatform.config import load_config
+    from fedplatform.experiment import run_experiment
+
+    cfg = load_config(args.pipeline, args.overrides)
+    result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
+                            ray_address=args.ray_address)
+    _print_summary(cfg, result, args.tracking_uri)
+    return 0
+
+
+def _print_summary(cfg, result, tracking_uri: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedplatform.tracking.mlflow_run import resolve_uri
+
+    console = Console()
+    table = Table(title=f"{cfg.name}: {cfg.algorithm.name} on {cfg.data.dataset}, {result.summary.get('rounds')} rounds")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if cfg.clip.model is not None and cfg.clip.pretrained is None:
+        console.print(f"[yellow]note:[/] the CLIP ({cfg.clip.model}) is untrained (random weights): these numbers "
+                      "show the pipeline works end to end, not what the method achieves with pretrained CLIP")
+    uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
+    console.print(f"MLflow run {result.run_id}; checkpoints in {result.run_dir}")
+    console.print(f"open the UI: mlflow ui --backend-store-uri {uri}")
+
+
+# ---------------------------------------------------------------------------- sweep, ui
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", parents=[_COMMON], help="run a Ray Tune sweep over a search-space file")
+    p.add_argument("space", help="search-space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base-pipeline value for every trial, e.g. --set rounds=10 (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep of this space")
+    p.set_defaults(handler=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from fedplatform.tune import run_sweep
+
+    result = run_sweep(args.space, args.overrides, tracking_uri=args.tracking_uri, resume=args.resume)
+    print(result.table())
+    print(f"MLflow parent run {result.parent_run_id}; summary and plots in {result.path}")
+    return 0
+
+
+def add_ui(sub) -> None:
+    p = sub.add_parser("ui", parents=[_COMMON], help="open the MLflow UI on the project's tracking store")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.set_defaults(handler=cmd_ui)
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from fedplatform.tracking.mlflow_run import resolve_uri
+    from fedplatform.tune.sweep import absolute_uri
+
+    uri = absolute_uri(resolve_uri(args.tracking_uri, None))
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", args.host, "--port", str(args.port)])
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def add_cache(sub) -> None:
+    p = sub.add_parser("cache", parents=[_COMMON], help="build frozen-CLIP feature caches ahead of time")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    b = cache_sub.add_parser("build", parents=[_COMMON], help="embed every sample with the pipeline's frozen CLIP")
+    _add_pipeline_args(b)
+    b.add_argument("--ray-address", help="connect to a running Ray cluster instead of starting a local one")
+    b.set_defaults(handler=cmd_cache_build)
+
+
+def cmd_cache_build(args) -> int:
+    from fedplatform.config import load_config
+    from fedplatform.data import prepare
+    from fedplatform.errors import UserError
+    from fedplatform.experiment import ensure_ray
+    from fedplatform.models.feature_cache import build_feature_cache
+
+    cfg = load_config(args.pipeline, args.overrides)
+    if cfg.clip.model is None:
+        raise UserError(f"pipeline '{args.pipeline}' sets no clip.model; a feature cache needs one (e.g. ViT-B-32)")
+    ds = prepare(cfg)
+    ensure_ray(args.ray_address)
+    print(build_feature_cache(cfg, ds))
+    return 0
+
+
 # ---------------------------------------------------------------------------- entry point
 
-COMMANDS = [add_version, add_data]
+COMMANDS = [add_version, add_data, add_run, add_sweep, add_cache, add_ui]
 """Top-level commands, in --help order (run, sweep, cache and ui add themselves here)."""
 
 
@@ -195,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # a client raised or a round timed out: show its own traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue with `fedplatform run PIPELINE --resume RUN_ID`", file=sys.stderr)
+        return 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
 

@@ -71,9 +71,9 @@ def run_experiment(
 
     from fedplatform.algorithms import get_algorithm
 
+    resumed = _resume_target(cfg, resume) if resume else None
     ds = prepare(cfg)
     get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
-    resumed = _resume_target(cfg, resume) if resume else None
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     ensure_ray(ray_address)
     engine = Engine(cfg, str(ds.path), cfg.runtime.num_client_actors,

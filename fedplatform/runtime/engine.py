@@ -54,9 +54,17 @@ def summarize(history: list[dict]) -> dict:
         "best_round": best["round"],
         "mean_last10_accuracy": statistics.fmean(h["accuracy"] for h in evals[-10:]),
     }
-    for key in ("many_shot_acc", "medium_shot_acc", "few_shot_acc"):
+    for key in ("many_shot_acc", "medium_shot_acc", "few_shot_acc", "in_federation_acc"):
         if key in last:
             out[f"final_{key}"] = last[key]
+    validated = [h for h in evals if "val_accuracy" in h]
+    if validated:  # FedCLIP's model selection: first round with the best mean validation accuracy
+        chosen = max(validated, key=lambda h: h["val_accuracy"])
+        out["selected_round"] = chosen["round"]
+        out["selected_val_accuracy"] = chosen["val_accuracy"]
+        out["selected_accuracy"] = chosen["accuracy"]
+        if "in_federation_acc" in chosen:
+            out["selected_in_federation_acc"] = chosen["in_federation_acc"]
     out["total_time_s"] = sum(h["time/round_s"] for h in history)
     return out
 
