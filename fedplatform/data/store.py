@@ -139,6 +139,7 @@ def _build(cfg: ExperimentConfig, source: Source, fp: str, path: Path) -> Federa
 
     _cleanup_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a cache shared by users or Ray workers must be readable
     try:
         image_shape = _write_samples(tmp / SAMPLES, samples)
         _write_manifest(tmp / MANIFEST, rows)

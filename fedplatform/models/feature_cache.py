@@ -200,6 +200,7 @@ def load_feature_cache(cfg: ExperimentConfig, dataset, precision: str = DEFAULT_
 
 def _write(path: Path, feats: np.ndarray, recipe: dict, key: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: caches are shared by Ray workers and users
     try:
         n, d = feats.shape
         arr = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).reshape(-1)), d)

@@ -51,9 +51,13 @@ class _Worker:
         self.cfg = ExperimentConfig.model_validate(cfg)
         torch.set_num_threads(max(1, int(num_cpus)))
         self.device = pick_device(self.cfg.runtime.device, num_gpus)
-        if self.device.type == "cuda" and 0 < num_gpus < 1:
-            # The GPU fraction is also a memory budget: one client cannot OOM the others.
-            torch.cuda.set_per_process_memory_fraction(num_gpus)
+        if self.device.type == "cuda":
+            # Same inputs, same bits: no autotuned (run-dependent) convolution algorithms.
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            if 0 < num_gpus < 1:
+                # The GPU fraction is also a memory budget: one client cannot OOM the others.
+                torch.cuda.set_per_process_memory_fraction(num_gpus)
         self.ds = open_store(store_path, verify=False)
         ctx = Context(cfg=self.cfg, num_classes=self.ds.num_classes, class_names=self.ds.class_names,
                       image_shape=self.ds.image_shape, norm_mean=self.ds.norm_mean, norm_std=self.ds.norm_std,
