@@ -145,11 +145,75 @@ class FedCLIPConfig(Section):
         return self
 
 
+class CReFFConfig(LocalTraining):
+    """CReFF (Shang et al., IJCAI 2022) as run inside the CLIP2FL reference (spec clip2fl §4, §6):
+    FedAvg local training; per-class classifier gradients uploaded; the server learns federated
+    features by gradient matching and re-trains a classifier on them. Defaults = reference."""
+
+    name: Literal["creff"] = "creff"
+    num_features_per_class: int = Field(100, ge=1)
+    """m: federated features per class (`num_of_feature`; the reference only runs with 100)."""
+    match_epoch: int = Field(100, ge=0)
+    """Full-batch SGD steps on the federated features per round."""
+    lr_feature: float = Field(0.1, gt=0.0)
+    crt_epoch: int = Field(300, ge=0)
+    """Epochs of classifier re-training on the features per round (batch `batch_size`)."""
+    lr_net: float = Field(0.01, gt=0.0)
+    batch_real: int = Field(32, ge=1)
+    """Real images per class per gradient draw (10 draws, one DSA augmentation each)."""
+    dis_metric: Literal["ours", "mse", "cos"] = "ours"
+    """Gradient-matching distance: ours (per-row cosine + bias row), mse, cos (spec §5.2)."""
+    gml_form: Literal["reference", "paper"] = "reference"
+    """reference: sum over the C weight rows + the bias row; paper: mean over weight rows only (§8)."""
+    real_gradient: Literal["reference", "paper"] = "reference"
+    """reference: mean of 10 DSA mini-batches of <= batch_real; paper: mean over all local class samples (§8)."""
+    gradient_weighting: Literal["unweighted", "by_count"] = "unweighted"
+    """Server mean of the clients' class gradients: unweighted (reference) or weighted by n_c^k (§9.7)."""
+
+    @model_validator(mode="after")
+    def _gml(self):
+        if self.gml_form == "paper" and self.dis_metric != "ours":
+            raise ValueError(f"algorithm.gml_form=paper is the paper's per-row cosine; it needs dis_metric=ours, "
+                             f"got {self.dis_metric!r}")
+        return self
+
+
+class CLIP2FLConfig(CReFFConfig):
+    """CLIP2FL (Shi et al., AAAI 2024; spec clip2fl): CReFF plus client KD from a frozen CLIP teacher
+    (CE + kd_weight * T^2 * KL(teacher || student)) and the prototype contrastive loss on the
+    federated features. Defaults = reference commit 565e858."""
+
+    name: Literal["clip2fl"] = "clip2fl"
+    kd_weight: float = Field(1.0, ge=0.0)
+    """alpha (the paper's beta); 2 before 2024-05-02."""
+    kd_temperature: float = Field(3.0, gt=0.0)
+    contrast_weight: float = Field(0.001, ge=0.0)
+    """eta (`contrast_alpha`); 0.5 before 2024-04-26."""
+    ins_temp: float = Field(0.1, gt=0.0)
+    """tau of the prototype contrastive loss."""
+    pcl_form: Literal["reference", "paper"] = "reference"
+    """reference: contrast against the repeated text prototypes (closed form, N x C); paper: against
+    the other federated features (N x N, unconfirmed transcription, spec §8)."""
+    use_feature_cache: bool = True
+    """Teacher image embeddings from the feature cache; false runs CLIP every step (reference)."""
+    prompt_template: str = "a photo of a {}"
+    clean_class_names: bool = False
+    """Underscores in class names to spaces (the reference keeps them)."""
+
+    @model_validator(mode="after")
+    def _template(self):
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"algorithm.prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
+        return self
+
+
 ALGORITHM_CONFIGS: dict[str, type[Section]] = {
     "fedavg": FedAvgConfig,
     "fedprox": FedProxConfig,
     "synthetic": SyntheticConfig,
     "fedclip": FedCLIPConfig,
+    "creff": CReFFConfig,
+    "clip2fl": CLIP2FLConfig,
 }
 ALGORITHM_NAMES = tuple(ALGORITHM_CONFIGS)
 AlgorithmConfig = Annotated[Union[tuple(ALGORITHM_CONFIGS.values())], Field(discriminator="name")]

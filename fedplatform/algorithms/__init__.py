@@ -1,5 +1,5 @@
 """Federated algorithms; importing this package registers every built-in one."""
-from fedplatform.algorithms import fedavg, fedclip, fedprox, synthetic  # noqa: F401  (registration)
+from fedplatform.algorithms import clip2fl, creff, fedavg, fedclip, fedprox, synthetic  # noqa: F401  (registration)
 from fedplatform.algorithms.base import (
     ALGORITHMS,
     Algorithm,

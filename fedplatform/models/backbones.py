@@ -124,12 +124,11 @@ def resnet8(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.
 class SmallCNN(nn.Module):
     """Fast CNN for tiny images (8x8 digits): two conv3x3-BN-ReLU (32, 64), 2x2 max-pool,
     average pool to 4x4, linear feature layer (128, no activation, like resnet8's add_mlp),
-    classifier."""
+    classifier. `feature_dim` 128 (small_cnn) or 512 (small_cnn_512: CLIP-width features for CLIP2FL)."""
 
-    feature_dim = 128
-
-    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 8):
+    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 8, feature_dim: int = 128):
         super().__init__()
+        self.feature_dim = feature_dim
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
@@ -153,3 +152,8 @@ class SmallCNN(nn.Module):
 @register_model("small_cnn")
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 8) -> nn.Module:
     return SmallCNN(num_classes, in_channels, image_size)
+
+
+@register_model("small_cnn_512")
+def small_cnn_512(num_classes: int, in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    return SmallCNN(num_classes, in_channels, image_size, feature_dim=512)
