@@ -39,8 +39,20 @@ def pick_device(setting: str, num_gpus: float) -> torch.device:
     return torch.device("cuda")
 
 
-def state_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def state_bytes(tensors: dict) -> int:
+    return sum(t.nbytes for t in tensors.values())
+
+
+def to_wire(tensors: dict[str, torch.Tensor]) -> dict:
+    """Tensors as numpy arrays for the object store: Ray moves those zero-copy, while pickling
+    torch tensors costs ~40 ms per ResNet-8 state (measured: 43 ms vs 6 ms put+get)."""
+    return {k: v.detach().cpu().numpy() if v.dtype != torch.bfloat16 else v.detach().cpu()
+            for k, v in tensors.items()}
+
+
+def from_wire(arrays: dict) -> dict[str, torch.Tensor]:
+    # copy: object-store buffers are read-only, and algorithms may update tensors in place
+    return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
 class _Worker:
@@ -102,9 +114,10 @@ class ClientActor(_Worker):
         start = time.perf_counter()
         data = self._data(client_id, self.ds.client_samples(client_id))
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, round, client_id))
-        update = self.algo.client_update(payload, data, gen)
+        update = self.algo.client_update(from_wire(payload), data, gen)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        update.tensors = to_wire(update.tensors)
         status = {"client_id": client_id, "num_samples": update.num_samples, "metrics": update.metrics,
                   "compute_s": time.perf_counter() - start, "bytes_up": state_bytes(update.tensors)}
         return status, update
@@ -123,8 +136,8 @@ class ServerActor(_Worker):
             for cid in self.ds.client_ids if len(self.ds.client_samples(cid, "test"))
         }
 
-    def broadcast(self) -> dict[str, torch.Tensor]:
-        payload = self.algo.broadcast(self.state)
+    def broadcast(self) -> dict:
+        payload = to_wire(self.algo.broadcast(self.state))
         self._payload_bytes = state_bytes(payload)
         return payload
 
@@ -134,6 +147,8 @@ class ServerActor(_Worker):
     def aggregate(self, round: int, update_refs: list) -> float:
         start = time.perf_counter()
         updates = sorted(ray.get(update_refs), key=lambda u: u.client_id)
+        for u in updates:
+            u.tensors = from_wire(u.tensors)
         self.state = self.algo.aggregate(self.state, updates, round)
         return time.perf_counter() - start
 
