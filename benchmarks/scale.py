@@ -31,16 +31,6 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def actor_rss_mb() -> dict[str, float]:
-    from ray.util.state import list_actors
-
-    out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if a.class_name in ("ClientActor", "ServerActor") and a.pid:
-            out[f"{a.class_name}-{a.pid}"] = rss_mb(a.pid)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 directory (class folders or pickles)")
@@ -64,19 +54,15 @@ def main(argv=None) -> int:
                             "checkpoint_every": 10**6, "server_resources": {"num_cpus": 0}},
                 "tracking": {"experiment": "benchmark-scale"},
             })
-            actor_mem: list[dict] = []
-            result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", progress=False,
-                                    on_round=lambda row: actor_mem.append(actor_rss_mb()))
+            result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", progress=False)
             history = result.history[1:]
-            clients = [v for m in actor_mem for name, v in m.items() if name.startswith("ClientActor")]
-            servers = [v for m in actor_mem for name, v in m.items() if name.startswith("ServerActor")]
             rows.append({
                 "logical_clients": k,
                 "round_s": statistics.fmean(h["time/round_s"] for h in history),
                 "orchestration_s": statistics.fmean(h["time/orchestration_s"] for h in history),
                 "driver_rss_mb": rss_mb(os.getpid()),
-                "client_actor_rss_mb": max(clients),
-                "server_actor_rss_mb": max(servers),
+                "client_actor_rss_mb": max(h["memory/client_actor_rss_mb"] for h in history),
+                "server_actor_rss_mb": max(h["memory/server_rss_mb"] for h in history),
             })
     print(f"{'clients':>8} {'s/round':>8} {'orch s':>7} {'driver MB':>9} {'client actor MB':>15} {'server MB':>9}")
     for r in rows:

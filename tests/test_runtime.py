@@ -152,7 +152,7 @@ def test_mlflow_holds_params_tags_per_round_metrics_and_artifacts(work, baseline
     assert run.data.tags["clip_pretrained"] == "false"
     for metric in ("accuracy", "many_shot_acc", "few_shot_acc", "train_loss", "time/round_s",
                    "time/client_compute_s", "time/server_s", "time/orchestration_s",
-                   "comm/bytes_down", "comm/bytes_up"):
+                   "comm/bytes_down", "comm/bytes_up", "memory/client_actor_rss_mb", "memory/server_rss_mb"):
         steps = [m.step for m in client.get_metric_history(baseline.run_id, metric)]
         assert steps == [1, 2, 3], metric
     artifacts = {a.path for a in client.list_artifacts(baseline.run_id)}

@@ -176,7 +176,7 @@ class Engine:
                     durations.append(status["compute_s"])
                 idle.append(i)
         order = sorted(done)
-        server_s = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
+        server_s, server_rss = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
         row: dict = {"round": round, "clients": list(clients)}
         if evaluate:
             metrics, eval_s = ray.get(self.server.evaluate.remote())
@@ -197,6 +197,8 @@ class Engine:
             "time/orchestration_s": max(0.0, wall - client_s - server_s),
             "comm/bytes_down": payload_bytes * len(clients),
             "comm/bytes_up": sum(s["bytes_up"] for s in statuses),
+            "memory/client_actor_rss_mb": max(s["rss_mb"] for s in statuses),
+            "memory/server_rss_mb": server_rss,
         })
         return row
 
