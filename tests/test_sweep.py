@@ -153,3 +153,12 @@ def test_quickstart_sweep_file_is_valid():
     spec = load_spec(path)
     raw, _ = build_base(spec, path, [])
     check_space(spec, raw, path)
+
+
+@pytest.mark.parametrize("space", sorted((REPO / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_validates_against_its_pipeline(space):
+    from fedplatform.tune.sweep import build_base, check_space, load_spec
+
+    spec = load_spec(space)
+    raw, _ = build_base(spec, space, [])
+    check_space(spec, raw, space)
