@@ -162,3 +162,11 @@ def test_every_shipped_space_validates_against_its_pipeline(space):
     spec = load_spec(space)
     raw, _ = build_base(spec, space, [])
     check_space(spec, raw, space)
+
+
+def test_every_trial_run_ends_finished_or_killed_and_finished_ones_keep_their_artifacts(sweep):
+    result, client, _ = sweep
+    for run in children(client, result):
+        assert run.info.status in ("FINISHED", "KILLED") and run.info.end_time is not None
+        if run.info.status == "FINISHED":
+            assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -326,17 +326,23 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
         with checkpoint.as_directory() as d:
             resume = _restore_run_dir(d, str(runs_dir))
 
-    def on_round(row: dict) -> None:
-        run_dirs = [p.parent for p in runs_dir.glob("*/checkpoint.json")]
-        run_dir = run_dirs[0]
+    def report(row: dict) -> None:
+        run_dir = next(p.parent for p in runs_dir.glob("*/checkpoint.json"))
         saved = json.loads((run_dir / "checkpoint.json").read_text())["round"]
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["mlflow_run_id"] = run_dir.name
         ckpt = tune.Checkpoint.from_directory(str(run_dir)) if saved == row["round"] else None
         tune.report(metrics, checkpoint=ckpt)
 
-    run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
-                   on_round=on_round, progress=False)
+    def on_round(row: dict) -> None:
+        # The last round is reported after run_experiment returns: a scheduler that stops the trial
+        # on that report (ASHA at max_t) must not cut off the final artifacts and the FINISHED status.
+        if row["round"] < cfg.rounds:
+            report(row)
+
+    result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
+                            on_round=on_round, progress=False)
+    report(result.history[-1])
 
 
 # ---------------------------------------------------------------------------- the sweep
