@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedplatform.errors import UserError
 
@@ -81,6 +81,16 @@ class ClipConfig(Section):
     """open_clip tag (openai, laion2b_s34b_b79k, ...), a local checkpoint path, or null (untrained)."""
 
 
+def _check_template(template: str) -> str:
+    if "{}" not in template:
+        raise ValueError(f"algorithm.prompt_template={template!r} must contain '{{}}' for the class name")
+    return template
+
+
+PromptTemplate = Annotated[str, AfterValidator(_check_template)]
+"""A CLIP prompt with one '{}' for the class name."""
+
+
 class LocalTraining(Section):
     """Reference local SGD: lr 0.1, batch 32, no momentum or weight decay."""
 
@@ -134,15 +144,9 @@ class FedCLIPConfig(Section):
     every class prompt (§8.11 option, documented deviation)."""
     use_feature_cache: bool = True
     """Train on cached frozen-CLIP image embeddings; false runs the image encoder every step (reference)."""
-    prompt_template: str = "a picture of a {}"
+    prompt_template: PromptTemplate = "a picture of a {}"
     clean_class_names: bool = False
     """Underscores in class folder names to spaces (the reference keeps them)."""
-
-    @model_validator(mode="after")
-    def _template(self):
-        if "{}" not in self.prompt_template:
-            raise ValueError(f"algorithm.prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
-        return self
 
 
 class CReFFConfig(LocalTraining):
@@ -196,15 +200,9 @@ class CLIP2FLConfig(CReFFConfig):
     the other federated features (N x N, unconfirmed transcription, spec §8)."""
     use_feature_cache: bool = True
     """Teacher image embeddings from the feature cache; false runs CLIP every step (reference)."""
-    prompt_template: str = "a photo of a {}"
+    prompt_template: PromptTemplate = "a photo of a {}"
     clean_class_names: bool = False
     """Underscores in class names to spaces (the reference keeps them)."""
-
-    @model_validator(mode="after")
-    def _template(self):
-        if "{}" not in self.prompt_template:
-            raise ValueError(f"algorithm.prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
-        return self
 
 
 ALGORITHM_CONFIGS: dict[str, type[Section]] = {

@@ -96,13 +96,12 @@ class CLIP2FL(CReFF):
 
     def _load_clip(self):
         if self._clip is None:
-            from fedplatform.models.clip import create_clip, text_prototypes
+            from fedplatform.models.clip import clip_with_prototypes
 
-            clip, preprocess, tokenizer, info = create_clip(self.ctx.cfg.clip.model, self.ctx.cfg.clip.pretrained,
-                                                            self.ctx.device)
-            self._clip, self._preprocess, self.clip_info = clip, preprocess, info
-            self.text = text_prototypes(clip, tokenizer, self.ctx.class_names, self.cfg.prompt_template,
-                                        self.cfg.clean_class_names).to(self.ctx.device)
+            clip = self.ctx.cfg.clip
+            self._clip, self._preprocess, self.clip_info, self.text = clip_with_prototypes(
+                clip.model, clip.pretrained, self.ctx.class_names, self.cfg.prompt_template,
+                self.cfg.clean_class_names, self.ctx.device)
         return self._clip
 
     def _cached(self) -> np.ndarray:

@@ -90,14 +90,13 @@ class FedCLIP(Algorithm):
 
     def _load_clip(self):
         if self._clip is None:
-            from fedplatform.models.clip import create_clip, text_prototypes
+            from fedplatform.models.clip import clip_with_prototypes
 
-            clip, preprocess, tokenizer, info = create_clip(self.ctx.cfg.clip.model, self.ctx.cfg.clip.pretrained,
-                                                            self.ctx.device)
-            self._clip, self._preprocess, self.clip_info = clip, preprocess, info
-            self.text = text_prototypes(clip, tokenizer, self.ctx.class_names, self.cfg.prompt_template,
-                                        self.cfg.clean_class_names)
-            self.scale = min(float(clip.logit_scale.exp()), MAX_LOGIT_SCALE)
+            clip = self.ctx.cfg.clip
+            self._clip, self._preprocess, self.clip_info, self.text = clip_with_prototypes(
+                clip.model, clip.pretrained, self.ctx.class_names, self.cfg.prompt_template,
+                self.cfg.clean_class_names, self.ctx.device)
+            self.scale = min(float(self._clip.logit_scale.exp()), MAX_LOGIT_SCALE)
         return self._clip
 
     def _cached(self) -> np.ndarray:

@@ -27,7 +27,9 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -138,9 +140,7 @@ def _build(cfg: ExperimentConfig, source: Source, fp: str, path: Path) -> Federa
     rows.append((GLOBAL_TEST, "test", global_test))
 
     _cleanup_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a cache shared by users or Ray workers must be readable
-    try:
+    with atomic_directory(path, META) as tmp:
         image_shape = _write_samples(tmp / SAMPLES, samples)
         _write_manifest(tmp / MANIFEST, rows)
         meta = {
@@ -154,22 +154,12 @@ def _build(cfg: ExperimentConfig, source: Source, fp: str, path: Path) -> Federa
             "norm_std": list(data.norm_std),
             "num_clients": len(part.clients),
             "num_samples": len(samples),
-            "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                       for name in (SAMPLES, MANIFEST)},
             "recipe": _recipe(cfg, source),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: its presence marks completeness
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / META).is_file():
-                raise
-            log.info("another process prepared %s first; using it", path)  # same fingerprint, same content
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("prepared %d samples for %d clients in %.1f s", len(samples), len(part.clients), time.perf_counter() - t0)
     return open_store(path, verify=False)
 
@@ -204,7 +194,28 @@ def _cleanup_stale(path: Path, max_age_s: float = 86400.0) -> None:
             pass
 
 
-def _sha256(file: Path) -> str:
+@contextmanager
+def atomic_directory(path: Path, meta_name: str) -> Iterator[Path]:
+    """A temporary directory beside `path`, renamed to `path` when the block completes (the block
+    writes `meta_name` last: its presence marks a complete directory). If another process renamed
+    an identical one into place first, theirs is kept; on any error nothing is left behind."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: caches are shared by Ray workers and users
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / meta_name).is_file():
+                raise
+            log.info("another process wrote %s first; using it", path)  # same key, same content
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(file: Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:
         while chunk := f.read(8 << 20):
@@ -285,7 +296,7 @@ def open_store(path: str | Path, verify: bool = True) -> FederatedDataset:
         size = file.stat().st_size if file.is_file() else None
         if size != info["bytes"]:
             raise StoreError(f"prepared data at {path} is corrupted: {name} has {size} bytes, expected {info['bytes']}")
-        if verify and _sha256(file) != info["sha256"]:
+        if verify and sha256_file(file) != info["sha256"]:
             raise StoreError(f"prepared data at {path} is corrupted: {name} does not match its sha256")
     try:
         return FederatedDataset(path, meta)

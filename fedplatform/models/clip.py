@@ -248,6 +248,13 @@ def _load_checkpoint(clip: torch.nn.Module, path: str, model: str) -> None:
 
 
 @torch.no_grad()
+def clip_with_prototypes(model: str, pretrained: str | None, class_names: Sequence[str], template: str,
+                         clean_names: bool = False, device="cpu"):
+    """`create_clip` plus the class text prototypes: (clip, preprocess, info, [C, d] on `device`)."""
+    clip, preprocess, tokenizer, info = create_clip(model, pretrained, device)
+    return clip, preprocess, info, text_prototypes(clip, tokenizer, class_names, template, clean_names)
+
+
 def text_prototypes(clip: torch.nn.Module, tokenizer, class_names: Sequence[str], template: str,
                     clean_names: bool = False) -> torch.Tensor:
     """t_k = normalize(float(encode_text(tokenize(template.format(name_k))))): L2-normalised float32

@@ -22,9 +22,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch
 from PIL import Image, ImageFile
 
 from fedplatform.config import ExperimentConfig
+from fedplatform.data.store import atomic_directory, sha256_file
 from fedplatform.errors import UserError
 from fedplatform.models.clip import create_clip, embed_dim, weights_identity
 
@@ -121,14 +120,6 @@ def cache_path(cfg: ExperimentConfig, dataset, precision: str = DEFAULT_PRECISIO
     return Path(dataset.path).parent / "clip-features" / f"{dataset.dataset}-{_require_clip(cfg)}-{key[:16]}"
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check(path: Path, key: str, verify: bool) -> dict:
     try:
         meta = json.loads((path / META).read_text())
@@ -140,7 +131,7 @@ def _check(path: Path, key: str, verify: bool) -> dict:
     size = file.stat().st_size if file.is_file() else None
     if size != meta["bytes"]:
         raise FeatureCacheError(f"feature cache {path} is corrupted: {FEATURES} has {size} bytes, expected {meta['bytes']}")
-    if verify and _sha256(file) != meta["sha256"]:
+    if verify and sha256_file(file) != meta["sha256"]:
         raise FeatureCacheError(f"feature cache {path} is corrupted: {FEATURES} does not match its sha256")
     return meta
 
@@ -199,27 +190,15 @@ def load_feature_cache(cfg: ExperimentConfig, dataset, precision: str = DEFAULT_
 
 
 def _write(path: Path, feats: np.ndarray, recipe: dict, key: str) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: caches are shared by Ray workers and users
-    try:
+    with atomic_directory(path, META) as tmp:
         n, d = feats.shape
         arr = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).reshape(-1)), d)
         schema = pa.schema([("embedding", pa.list_(pa.float32(), d))])
         with pa.OSFile(str(tmp / FEATURES), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_batch(pa.record_batch([arr], schema=schema))
         meta = {"key": key, "recipe": recipe, "shape": [n, d], "bytes": (tmp / FEATURES).stat().st_size,
-                "sha256": _sha256(tmp / FEATURES), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "sha256": sha256_file(tmp / FEATURES), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: its presence marks completeness
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / META).is_file():
-                raise
-            log.info("another process built %s first; using it", path)  # same key, same content
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- Ray pool
