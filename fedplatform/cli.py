@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -235,15 +236,14 @@ def add_ui(sub) -> None:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from fedplatform.tracking.mlflow_run import resolve_uri
     from fedplatform.tune.sweep import absolute_uri
 
     uri = absolute_uri(resolve_uri(args.tracking_uri, None))
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", args.host, "--port", str(args.port)])
+    # Become the MLflow server (exec), so a signal to this process reaches it and its workers.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--host", args.host, "--port", str(args.port)])
 
 
 # ---------------------------------------------------------------------------- cache

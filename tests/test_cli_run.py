@@ -1,6 +1,8 @@
 """`fedplatform run` as a user types it: a real subprocess, offline, its own local Ray."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,34 @@ def test_resume_of_unknown_run_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "--resume missing-run: no checkpoint found" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_with_a_key_that_is_not_in_the_config_is_one_line_exit_2(tmp_path):
+    proc = fedplatform("sweep", str(ROOT / "tune_spaces/quickstart_sweep.yaml"), "--set", "nope.x=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown key 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ui_serves_the_tracking_store_on_localhost(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert f"at http://127.0.0.1:{port}" in proc.stdout.readline()
+        deadline, status = time.monotonic() + 90, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(1)
+        assert status == 200
+    finally:  # the server and its worker processes share the session started above
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
