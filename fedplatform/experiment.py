@@ -146,6 +146,8 @@ def _log_final(tracker: Tracker, ds, history: list[dict], summary: dict, state: 
     from fedplatform.tracking.plots import plot_accuracy_curve, plot_per_class_accuracy
 
     tracker.log_json("summary.json", summary)
+    # also as metrics, so the runs table compares final, best and selected numbers side by side
+    tracker.log_metrics(summary["rounds"], {f"summary/{k}": v for k, v in summary.items() if k != "rounds"})
     evals = [h for h in history if h.get("per_class_accuracy") is not None]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -40,6 +40,10 @@ def test_fedclip_leave_one_domain_out_run_logs_domain_metrics_and_the_selected_r
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.data.tags["clip_pretrained"] == "false"
+    best_val = max(h["val_accuracy"] for h in result.history)  # selection: best mean validation accuracy
+    assert summary["selected_val_accuracy"] == best_val
+    assert run.data.metrics["summary/selected_accuracy"] == summary["selected_accuracy"]
+    assert run.data.metrics["summary/final_accuracy"] == last["accuracy"]
     assert [m.step for m in client.get_metric_history(result.run_id, "domain/art/test_acc")] == [1, 2, 3]
 
 

@@ -162,6 +162,7 @@ def test_mlflow_holds_params_tags_per_round_metrics_and_artifacts(work, baseline
     assert_same_state(weights, final_state(baseline))
     summary = json.loads(open(client.download_artifacts(baseline.run_id, "summary.json", str(tmp))).read())
     assert summary["final_accuracy"] == baseline.history[-1]["accuracy"]
+    assert run.data.metrics["summary/best_accuracy"] == summary["best_accuracy"]
 
 
 def test_round_exceeding_its_timeout_fails_naming_the_clients_still_running(work, baseline, fault):
