@@ -323,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with `fedplatform run PIPELINE --resume RUN_ID`", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything else (a lost node, a bug): one line unless --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
 
