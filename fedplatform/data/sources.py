@@ -9,6 +9,8 @@ variable-size ones (PACS, ImageNet-LT) as file paths whose encoded bytes the sto
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import os
 import pickle
@@ -60,7 +62,7 @@ class SourceData:
     identity: dict  # JSON-able fingerprint of the source files, part of the cache key
 
 
-class Source:
+class Source(abc.ABC):
     """A located dataset. __init__ must stay cheap (no decoding) and raise UserError when the
     data are missing; `identity()` feeds the cache key; `load()` does the real work."""
 
@@ -69,11 +71,13 @@ class Source:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
+    @abc.abstractmethod
     def identity(self) -> dict:
-        raise NotImplementedError
+        """Cheap JSON-able description of the source files (paths, sizes, mtimes)."""
 
+    @abc.abstractmethod
     def load(self) -> SourceData:
-        raise NotImplementedError
+        """Read and decode the data."""
 
 
 SOURCES: dict[str, type[Source]] = {}
