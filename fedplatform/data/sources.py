@@ -10,7 +10,6 @@ variable-size ones (PACS, ImageNet-LT) as file paths whose encoded bytes the sto
 from __future__ import annotations
 
 import abc
-
 import logging
 import os
 import pickle
