@@ -59,8 +59,9 @@ def test_fedclip_with_every_domain_participating_runs(tmp_path, domains):
 def test_creff_and_clip2fl_run_end_to_end_and_log_both_heads(tmp_path, algorithm):
     raw = yaml.safe_load((ROOT / "pipelines/quickstart_clip2fl.yaml").read_text())
     raw["algorithm"].update({"name": algorithm, "local_epochs": 1, "match_epoch": 5, "crt_epoch": 5})
-    if algorithm == "creff":
-        raw.pop("clip")  # CReFF has no CLIP
+    if algorithm == "creff":  # CReFF has no CLIP teacher
+        raw.pop("clip")
+        raw["algorithm"].pop("kd_weight")
     raw.update(rounds=2, runtime={"runs_dir": str(tmp_path / "runs"), "num_client_actors": 2})
     result = run_experiment(validate(raw), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
     last = result.history[-1]
