@@ -69,7 +69,12 @@ class ModelConfig(Section):
     """The student network trained by the clients."""
 
     name: str = "small_cnn"
-    """Registered backbone: small_cnn (8x8 digits), resnet8 (CLIP2FL reference student)."""
+    """Registered backbone: small_cnn (8x8 digits), small_cnn_512, resnet8 (CLIP2FL reference
+    student), resnet50 (ImageNet-LT student, 2048 -> 512 projection)."""
+    input_size: int = Field(224, ge=8)
+    """Student input size S for datasets kept as encoded images of varying size (ImageNet-LT,
+    PACS): train RandomResizedCrop(S), test Resize(S·256/224) + CenterCrop(S). Fixed-size datasets
+    (digits, CIFAR) use their own size."""
 
 
 class ClipConfig(Section):
@@ -97,9 +102,10 @@ class LocalTraining(Section):
     local_epochs: int = Field(10, ge=1)
     lr: float = Field(0.1, gt=0.0)
     batch_size: int = Field(32, ge=1)
-    augmentation: Literal["reference", "per_sample", "none"] = "reference"
-    """reference: one random crop (pad 4) and flip per batch, as the CLIP2FL code; per_sample:
-    an independent draw per image; none."""
+    augmentation: Literal["reference", "per_sample", "imagenet", "none"] = "reference"
+    """Fixed-size images: reference (one random crop, pad 4, and flip per batch, as the CLIP2FL
+    code), per_sample (an independent draw per image) or none. Encoded images (ImageNet-LT, PACS):
+    imagenet (RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4, 0)) or none."""
 
 
 class FedAvgConfig(LocalTraining):

@@ -27,7 +27,6 @@ from torch import nn
 
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import UserError
-from fedplatform.models.augment import normalize
 
 EVAL_BATCH_SIZE = 500
 """Reference test batch size (`batch_size_test`)."""
@@ -206,14 +205,15 @@ def classification_metrics(
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context) -> dict:
-    """Reference test pass: eval mode, batches of 500, normalised student view, no augmentation;
-    `classification_metrics` plus the mean cross-entropy `loss`."""
+def evaluate_model(model: nn.Module, images, labels: torch.Tensor, ctx: Context) -> dict:
+    """Reference test pass: eval mode, batches of 500 of the un-augmented student view (`images[i:j]`,
+    normalised batches, see `algorithms.images`); `classification_metrics` plus the mean
+    cross-entropy `loss`."""
     was_training = model.training
     model.eval()
     preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=ctx.device)
     for start in range(0, len(labels), EVAL_BATCH_SIZE):
-        x = normalize(images[start : start + EVAL_BATCH_SIZE].to(ctx.device), ctx.norm_mean, ctx.norm_std)
+        x = images[start : start + EVAL_BATCH_SIZE]
         y = labels[start : start + EVAL_BATCH_SIZE].to(device=ctx.device, dtype=torch.long)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()

@@ -21,6 +21,7 @@ from torch import nn
 from fedplatform.algorithms.base import ClientData, State, register_algorithm, seeded_global_rng
 from fedplatform.algorithms.creff import CReFF
 from fedplatform.algorithms.fedavg import LocalLoss
+from fedplatform.algorithms.images import input_shape
 from fedplatform.algorithms.federated_features import (
     feature_labels,
     prototype_contrastive_loss,
@@ -83,7 +84,8 @@ class CLIP2FL(CReFF):
         """Driver side: check the setting and build (or verify) the frozen-CLIP feature cache."""
         from fedplatform.models.backbones import create_model
 
-        shape = dataset.image_shape or (32, 32, 3)
+        super().prepare(cfg, dataset)
+        shape = input_shape(cfg, dataset.image_shape)
         with seeded_global_rng(0):
             dim = int(create_model(cfg.model.name, dataset.num_classes, shape[2], shape[0]).feature_dim)
         check_clip2fl(cfg, dataset.class_names, dataset.num_classes, dim)

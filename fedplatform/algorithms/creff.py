@@ -33,6 +33,7 @@ from fedplatform.algorithms.base import (
     seeded_global_rng,
 )
 from fedplatform.algorithms.fedavg import FedAvg, local_sgd, weighted_average
+from fedplatform.algorithms.images import student_images
 from fedplatform.algorithms.federated_features import (
     aggregate_class_gradients,
     feature_labels,
@@ -42,7 +43,6 @@ from fedplatform.algorithms.federated_features import (
     retrain_classifier,
     update_features,
 )
-from fedplatform.models.augment import normalize
 
 FEATURES = "federated_features"
 HEAD_W, HEAD_B = "retrained_classifier.weight", "retrained_classifier.bias"
@@ -106,7 +106,7 @@ class CReFF(FedAvg):
             raise ValueError(f"client {data.client_id} has no training samples")
         device = self.ctx.device
         model = self.working_model(model_part(payload))
-        images = normalize(data.images.to(device), self.ctx.norm_mean, self.ctx.norm_std)
+        images = student_images(data, self.ctx)
         labels = data.labels.to(device=device, dtype=torch.long)
         # Step 1: theta_g' = FedAvg backbone + phi-hat, BN in eval mode; only (W, b) get gradients.
         model.eval()
@@ -162,11 +162,12 @@ class CReFF(FedAvg):
         model.eval()
         w, b = state[HEAD_W].to(device), state[HEAD_B].to(device)
         labels = test.labels.to(device=device, dtype=torch.long)
+        images = student_images(test, self.ctx)
         preds = {"retrained": [], "fedavg": []}
         losses = {"retrained": torch.zeros((), dtype=torch.float64, device=device),
                   "fedavg": torch.zeros((), dtype=torch.float64, device=device)}
         for start in range(0, len(labels), EVAL_BATCH_SIZE):
-            x = normalize(test.images[start : start + EVAL_BATCH_SIZE].to(device), self.ctx.norm_mean, self.ctx.norm_std)
+            x = images[start : start + EVAL_BATCH_SIZE]
             y = labels[start : start + EVAL_BATCH_SIZE]
             z = model.features(x)
             for key, logits in (("retrained", z @ w.t() + b), ("fedavg", model.classifier(z))):

@@ -21,8 +21,8 @@ from fedplatform.algorithms.base import (
     register_algorithm,
     seeded_global_rng,
 )
+from fedplatform.algorithms.images import StudentImages, check_augmentation, input_shape, student_images
 from fedplatform.config import LocalTraining
-from fedplatform.models.augment import augment, normalize
 from fedplatform.models.backbones import create_model
 
 LocalLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,7 +32,7 @@ batch's positions in the client's data (to look up per-sample extras such as tea
 
 def local_sgd(
     model: nn.Module,
-    images: torch.Tensor,
+    images: StudentImages,
     labels: torch.Tensor,
     train: LocalTraining,
     generator: torch.Generator,
@@ -40,18 +40,18 @@ def local_sgd(
 ) -> float:
     """Reference local training: train mode, SGD(lr, no momentum, no weight decay), a fresh
     optimizer per call, `local_epochs` passes reshuffled by `torch.randperm(n, generator)`, batches
-    of `batch_size` with the last partial one kept, `train.augmentation` per batch. `images` are
-    normalised [n, C, H, W] on the model's device. Returns the mean loss over all steps."""
+    of `batch_size` with the last partial one kept, `train.augmentation` per batch. `images` gives
+    normalised batches on the model's device. Returns the mean loss over all steps."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.lr)
     n = len(labels)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     steps = 0
     for _ in range(train.local_epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
+        order = torch.randperm(n, generator=generator, device=generator.device).to(labels.device)
         for start in range(0, n, train.batch_size):
             index = order[start : start + train.batch_size]
-            x = augment(images[index], train.augmentation, generator)
+            x = images.train(index, train.augmentation, generator)
             loss = loss_fn(model, x, labels[index], index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -92,8 +92,13 @@ class FedAvg(Algorithm):
         super().__init__(ctx)
         self._model: nn.Module | None = None
 
+    @classmethod
+    def prepare(cls, cfg, dataset) -> None:
+        """Driver side: the augmentation must suit how the store keeps images."""
+        check_augmentation(cfg.algorithm.augmentation, dataset.image_shape is None, cfg.data.dataset)
+
     def build_model(self) -> nn.Module:
-        height, _, channels = self.ctx.image_shape
+        height, _, channels = input_shape(self.ctx.cfg, self.ctx.image_shape)
         return create_model(self.ctx.cfg.model.name, self.ctx.num_classes, in_channels=channels, image_size=height)
 
     def working_model(self, state: State) -> nn.Module:
@@ -126,7 +131,7 @@ class FedAvg(Algorithm):
             raise ValueError(f"client {data.client_id} has no training samples")
         device = self.ctx.device
         model = self.working_model(payload)
-        images = normalize(data.images.to(device), self.ctx.norm_mean, self.ctx.norm_std)
+        images = student_images(data, self.ctx)
         labels = data.labels.to(device=device, dtype=torch.long)
         loss_fn = self.local_loss(payload, data)
         # Any global-RNG use inside the model (e.g. a dropout layer) is seeded from `generator` too,
@@ -140,4 +145,4 @@ class FedAvg(Algorithm):
         return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
 
     def evaluate(self, state: State, test: ClientData) -> dict:
-        return evaluate_model(self.working_model(state), test.images, test.labels, self.ctx)
+        return evaluate_model(self.working_model(state), student_images(test, self.ctx), test.labels, self.ctx)

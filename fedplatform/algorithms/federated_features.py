@@ -204,16 +204,17 @@ def prototype_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, tex
                                per_class: int) -> torch.Tensor:
     """Reference PCL (`SupConLoss_text`, spec §5.3) in closed form, N x C instead of N x N:
     with s_ic = <v_i, t_c>/tau and m features per class,
-    L_i = -s_{i,y_i} + log[(m - 1) exp(s_{i,y_i}) + m sum_{c != y_i} exp(s_ic)]; mean over i.
+    L_i = -s_{i,y_i} + log[(m - 1) exp(s_{i,y_i}) + m sum_{c != y_i} exp(s_ic)]
+        = CE(s_i, y_i) + log m + log(1 - p_{i,y_i} / m),  p_i = softmax(s_i); mean over i.
+    The second form needs one N x C matrix (p_{i,y_i} / m <= 1/2, so the log1p is stable).
     With m = 1 no anchor has a positive pair, so every anchor is dropped and the loss is 0."""
     if per_class < 2:
         return features.sum() * 0.0
     s = features @ text.t() / temperature  # [N, C]
-    log_w = torch.full_like(s, math.log(per_class))
-    own = F.one_hot(labels, text.shape[0]).bool()
-    log_w = log_w.masked_fill(own, math.log(per_class - 1))
+    lse = torch.logsumexp(s, dim=1)
     own_logit = s.gather(1, labels[:, None]).squeeze(1)
-    return (torch.logsumexp(s + log_w, dim=1) - own_logit).mean()
+    own_prob = torch.exp(own_logit - lse)
+    return (lse - own_logit + math.log(per_class) + torch.log1p(-own_prob / per_class)).mean()
 
 
 def prototype_contrastive_loss_literal(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,

@@ -12,13 +12,14 @@ import torch
 
 from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
 from fedplatform.algorithms.fedavg import weighted_average
+from fedplatform.algorithms.images import input_shape
 from fedplatform.models.backbones import create_model
 
 
 @register_algorithm("synthetic")
 class Synthetic(Algorithm):
     def init_server_state(self, seed: int) -> State:
-        h, w, c = self.ctx.image_shape
+        h, _, c = input_shape(self.ctx.cfg, self.ctx.image_shape)
         with seeded_global_rng(seed):
             model = create_model(self.ctx.cfg.model.name, self.ctx.num_classes, c, h)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

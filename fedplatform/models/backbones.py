@@ -118,6 +118,39 @@ def resnet8(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.
     return ResNet8(num_classes, in_channels, image_size)
 
 
+# ---------------------------------------------------------------------------- ResNet-50
+
+
+class ResNet50(nn.Module):
+    """ImageNet-LT student (spec clip2fl §9.12, not in the reference run: unverified): torchvision's
+    ResNet-50 (random init) up to its global average pool (2048-d), `add_mlp` Linear(2048, 512)
+    with no activation -> z (CLIP's width, for the prototype loss), `classifier` Linear(512, C)."""
+
+    feature_dim = 512
+
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 224):
+        super().__init__()
+        from torchvision.models import resnet50
+
+        if in_channels != 3:
+            raise UserError(f"model.name=resnet50 takes RGB images (3 channels), the data have {in_channels}")
+        self.body = resnet50(weights=None)
+        self.body.fc = nn.Identity()
+        self.add_mlp = nn.Linear(2048, self.feature_dim)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_mlp(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("resnet50")
+def resnet50(num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    return ResNet50(num_classes, in_channels, image_size)
+
+
 # ---------------------------------------------------------------------------- small CNN
 
 
