@@ -42,7 +42,7 @@ def make(cfg, ds):
                   norm_mean=ds.norm_mean, norm_std=ds.norm_std, train_class_counts=ds.train_class_counts,
                   device=torch.device("cpu"), dataset=ds)
     algo = get_algorithm("clip2fl")(ctx)
-    algo._load_clip()  # per-actor one-off (CLIP load, text prototypes)
+    algo.load_clip()  # per-actor one-off (CLIP load, text prototypes)
     return algo
 
 
@@ -70,7 +70,7 @@ def main():
     # One-off cache, restricted to the sampled clients' images (the full build is the same per image).
     ids = np.concatenate([ds.client_samples(c) for c in clients])
     t0 = time.perf_counter()
-    emb = encode_samples(algo._clip, algo._preprocess, ds, ids)
+    emb = encode_samples(algo.clip, algo.preprocess, ds, ids)
     encode_s = time.perf_counter() - t0
     cache = np.zeros((len(ds), emb.shape[1]), np.float32)
     cache[ids] = emb

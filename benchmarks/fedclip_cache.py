@@ -34,7 +34,7 @@ def timed_rounds(cfg, ds, rounds):
                   norm_mean=ds.norm_mean, norm_std=ds.norm_std, train_class_counts=ds.train_class_counts,
                   device=torch.device("cpu"), dataset=ds)
     algo = get_algorithm("fedclip")(ctx)
-    algo._load_clip()  # CLIP load and text prototypes are per-actor one-offs, not per round
+    algo.load_clip()  # CLIP load and text prototypes are per-actor one-offs, not per round
     state = algo.init_server_state(cfg.seed)
     times = []
     for r in range(rounds):

@@ -21,6 +21,7 @@ from torch import nn
 from fedplatform.algorithms.base import ClientData, State, register_algorithm, seeded_global_rng
 from fedplatform.algorithms.creff import CReFF
 from fedplatform.algorithms.fedavg import LocalLoss
+from fedplatform.algorithms.frozen_clip import FrozenCLIP
 from fedplatform.algorithms.images import input_shape
 from fedplatform.algorithms.federated_features import (
     feature_labels,
@@ -69,15 +70,13 @@ def check_clip2fl(cfg, class_names: list[str], num_classes: int, student_dim: in
 
 
 @register_algorithm("clip2fl")
-class CLIP2FL(CReFF):
+class CLIP2FL(FrozenCLIP, CReFF):
     """CReFF + CLIP KD on clients + PCL on the server. One frozen CLIP per actor, loaded on first use
     (clients need its text prototypes even with cached image embeddings; the server needs them for PCL)."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
         check_clip2fl(ctx.cfg, ctx.class_names, ctx.num_classes, self.feature_dim)
-        self._clip = None
-        self._cache: np.ndarray | None = None
 
     @classmethod
     def prepare(cls, cfg, dataset) -> None:
@@ -89,59 +88,26 @@ class CLIP2FL(CReFF):
         with seeded_global_rng(0):
             dim = int(create_model(cfg.model.name, dataset.num_classes, shape[2], shape[0]).feature_dim)
         check_clip2fl(cfg, dataset.class_names, dataset.num_classes, dim)
-        if cfg.algorithm.use_feature_cache:
-            from fedplatform.models.feature_cache import build_feature_cache
-
-            build_feature_cache(cfg, dataset)
-
-    # ------------------------------------------------------------------ frozen teacher
-
-    def _load_clip(self):
-        if self._clip is None:
-            from fedplatform.models.clip import clip_with_prototypes
-
-            clip = self.ctx.cfg.clip
-            self._clip, self._preprocess, self.clip_info, self.text = clip_with_prototypes(
-                clip.model, clip.pretrained, self.ctx.class_names, self.cfg.prompt_template,
-                self.cfg.clean_class_names, self.ctx.device)
-        return self._clip
-
-    def _cached(self) -> np.ndarray:
-        if self._cache is None:
-            from fedplatform.models.feature_cache import load_feature_cache
-
-            self._cache = load_feature_cache(self.ctx.cfg, self.ctx.dataset)
-        return self._cache
-
-    @torch.no_grad()
-    def encode(self, ids: np.ndarray) -> torch.Tensor:
-        """float(encode_image(CLIP view)) of samples, recomputed (the reference path)."""
-        from fedplatform.models.feature_cache import preprocess_images
-
-        x = preprocess_images(self.ctx.dataset, ids, self._preprocess)
-        param = next(self._clip.parameters())
-        return self._clip.encode_image(x.to(param.device, param.dtype)).float()
+        cls.build_cache(cfg, dataset)
 
     # ------------------------------------------------------------------ client
 
     def local_loss(self, payload: State, data: ClientData) -> LocalLoss:
         """CE + kd_weight · KD(student, teacher). Cached: teacher logits of all the client's samples
         are one [n, C] product computed here; uncached: CLIP runs on each batch's CLIP views."""
-        self._load_clip()
+        self.load_clip()
         if data.sample_ids is None:
             raise ValueError(f"client {data.client_id}: CLIP2FL needs sample ids to find the teacher's inputs")
         ids = np.asarray(data.sample_ids, dtype=np.int64)
-        alpha, temp, device = self.cfg.kd_weight, self.cfg.kd_temperature, self.ctx.device
-        cached = None
-        if self.cfg.use_feature_cache:
-            cached = teacher_logits(torch.from_numpy(np.array(self._cached()[ids])).to(device), self.text)
+        alpha, temp = self.cfg.kd_weight, self.cfg.kd_temperature
+        cached = teacher_logits(self.image_embeddings(ids), self.text) if self.cfg.use_feature_cache else None
 
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             s = model(x)
             if cached is not None:
                 q = cached[index]
             else:
-                q = teacher_logits(self.encode(ids[index.cpu().numpy()]).to(device), self.text)
+                q = teacher_logits(self.image_embeddings(ids[index.cpu().numpy()]), self.text)
             return F.cross_entropy(s, y) + alpha * kd_loss(s, q, temp)
 
         return loss
@@ -151,7 +117,7 @@ class CLIP2FL(CReFF):
     def contrast(self):
         if self.cfg.contrast_weight == 0:
             return None, 0.0
-        self._load_clip()
+        self.load_clip()
         c, m, tau = self.ctx.num_classes, self.cfg.num_features_per_class, self.cfg.ins_temp
         labels = feature_labels(c, m, self.ctx.device)
         text = self.text

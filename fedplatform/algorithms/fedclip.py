@@ -31,11 +31,9 @@ from fedplatform.algorithms.base import (
     seeded_global_rng,
 )
 from fedplatform.algorithms.fedavg import weighted_average
+from fedplatform.algorithms.frozen_clip import FrozenCLIP
 from fedplatform.errors import UserError
 from fedplatform.models.adapters import AttentionAdapter, gate_entropy
-
-# open_clip takes seconds to import: fedplatform.models.clip / feature_cache are imported on first
-# use, so importing the algorithm registry stays cheap for the other algorithms.
 
 MAX_LOGIT_SCALE = 100.0
 """CLIP clamps exp(logit_scale) at 100; OpenAI's ViT-B/32 sits exactly there."""
@@ -63,7 +61,7 @@ def _check_clip(cfg) -> None:
 
 
 @register_algorithm("fedclip")
-class FedCLIP(Algorithm):
+class FedCLIP(FrozenCLIP, Algorithm):
     """State / payload / update: the adapter's state dict (`attention.0.*` = W1, b1; `attention.2.*`
     = W2, b2). One frozen CLIP per actor (never per client), loaded on first use."""
 
@@ -73,59 +71,17 @@ class FedCLIP(Algorithm):
         from fedplatform.models.clip import embed_dim
 
         self.dim = embed_dim(ctx.cfg.clip.model)
-        self._clip = None
-        self._features: np.ndarray | None = None
         self._adapter: AttentionAdapter | None = None
 
     @classmethod
     def prepare(cls, cfg, dataset) -> None:
-        """Driver side: build (or verify) the frozen-CLIP feature cache once for all actors."""
         _check_clip(cfg)
-        if cfg.algorithm.use_feature_cache:
-            from fedplatform.models.feature_cache import build_feature_cache
+        cls.build_cache(cfg, dataset)
 
-            build_feature_cache(cfg, dataset)
-
-    # ------------------------------------------------------------------ frozen parts
-
-    def _load_clip(self):
-        if self._clip is None:
-            from fedplatform.models.clip import clip_with_prototypes
-
-            clip = self.ctx.cfg.clip
-            self._clip, self._preprocess, self.clip_info, self.text = clip_with_prototypes(
-                clip.model, clip.pretrained, self.ctx.class_names, self.cfg.prompt_template,
-                self.cfg.clean_class_names, self.ctx.device)
-            self.scale = min(float(self._clip.logit_scale.exp()), MAX_LOGIT_SCALE)
-        return self._clip
-
-    def _cached(self) -> np.ndarray:
-        if self._features is None:
-            from fedplatform.models.feature_cache import load_feature_cache
-
-            self._features = load_feature_cache(self.ctx.cfg, self.ctx.dataset)
-        return self._features
-
-    def _inputs(self, ids: np.ndarray) -> torch.Tensor:
-        """Per-step encoder inputs (use_feature_cache false): CLIP-preprocessed images [n, 3, S, S]."""
-        from fedplatform.models.feature_cache import preprocess_images
-
-        return preprocess_images(self.ctx.dataset, ids, self._preprocess)
-
-    @torch.no_grad()
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        param = next(self._clip.parameters())
-        return self._clip.encode_image(x.to(param.device, param.dtype)).float()
-
-    def image_features(self, ids: np.ndarray) -> torch.Tensor:
-        """v = float(encode_image(x)) of samples [n, d] on the device: cached rows or recomputed."""
-        self._load_clip()
-        ids = np.asarray(ids, dtype=np.int64)
-        if self.cfg.use_feature_cache:
-            return torch.from_numpy(np.array(self._cached()[ids])).to(self.ctx.device)
-        from fedplatform.models.feature_cache import encode_samples
-
-        return torch.from_numpy(encode_samples(self._clip, self._preprocess, self.ctx.dataset, ids)).to(self.ctx.device)
+    @property
+    def scale(self) -> float:
+        """CLIP's own logit scale exp(t), capped at 100 (untrained CLIPs sit at 1/0.07)."""
+        return min(float(self.load_clip().logit_scale.exp()), MAX_LOGIT_SCALE)
 
     def working_adapter(self, state: State) -> AttentionAdapter:
         if self._adapter is None:
@@ -151,8 +107,8 @@ class FedCLIP(Algorithm):
         n = len(ids)
         if n == 0:
             raise ValueError(f"client {data.client_id} has no training samples")
-        self._load_clip()
-        device = self.ctx.device
+        self.load_clip()
+        scale, device = self.scale, self.ctx.device
         adapter = self.working_adapter(payload)
         adapter.train()
         params = list(adapter.parameters())
@@ -160,10 +116,8 @@ class FedCLIP(Algorithm):
         optimizer = opt_cls(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=self.cfg.eps,
                             weight_decay=self.cfg.weight_decay)
         labels = data.labels.to(device=device, dtype=torch.long)
-        if self.cfg.use_feature_cache:
-            feats, inputs = self.image_features(ids), None
-        else:
-            feats, inputs = None, self._inputs(ids)
+        # Cached: every embedding of the client at once; otherwise the encoder runs on each batch.
+        feats = self.image_embeddings(ids) if self.cfg.use_feature_cache else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         steps = 0
         for _ in range(self.cfg.local_epochs):
@@ -172,13 +126,13 @@ class FedCLIP(Algorithm):
                 index = order[start : start + self.cfg.batch_size]
                 if len(index) < 2:
                     continue  # reference: size-1 batches are skipped
-                v = feats[index.to(device)] if feats is not None else self._encode(inputs[index])
+                v = feats[index.to(device)] if feats is not None else self.image_embeddings(ids[index.numpy()])
                 y = labels[index.to(device)]
                 f = adapter(v)
                 if self.cfg.loss == "in_batch":
-                    loss = contrastive_loss(f, self.text[y], self.scale)
+                    loss = contrastive_loss(f, self.text[y], scale)
                 else:
-                    loss = all_classes_loss(f, self.text, y, self.scale)
+                    loss = all_classes_loss(f, self.text, y, scale)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -196,11 +150,12 @@ class FedCLIP(Algorithm):
     @torch.no_grad()
     def _predict(self, state: State, ids: np.ndarray) -> tuple[torch.Tensor, float]:
         """(argmax_k cos(f, t_k) per sample, mean gate entropy)."""
+        self.load_clip()
         adapter = self.working_adapter(state)
         adapter.eval()
         preds, ent_sum = [], 0.0
         for start in range(0, len(ids), EVAL_BATCH):
-            v = self.image_features(ids[start : start + EVAL_BATCH])
+            v = self.image_embeddings(ids[start : start + EVAL_BATCH])
             preds.append((adapter(v) @ self.text.t()).argmax(1).cpu())
             ent_sum += float(gate_entropy(adapter.gate(v))) * len(v)
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

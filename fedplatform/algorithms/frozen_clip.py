@@ -1,0 +1,59 @@
+"""What FedCLIP and CLIP2FL share: one frozen CLIP per actor and its image embeddings.
+
+The image encoder is frozen, in eval mode, and sees only the deterministic CLIP view of each image,
+so its embeddings come from the feature cache built once before the run (`use_feature_cache`,
+default) and equal what re-running the encoder gives (the reference path, `use_feature_cache:
+false`, which encodes the requested images every time).
+
+open_clip takes seconds to import: `fedplatform.models.clip` / `feature_cache` are imported on first
+use, so importing the algorithm registry stays cheap for the other algorithms.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class FrozenCLIP:
+    """Mixin for an `Algorithm` whose config has `prompt_template`, `clean_class_names` and
+    `use_feature_cache`. `load_clip()` sets `clip`, `preprocess` and `text` (the
+    L2-normalised class-prompt prototypes [C, d] on the device)."""
+
+    clip = None
+    _cache: np.ndarray | None = None
+
+    @staticmethod
+    def build_cache(cfg, dataset) -> None:
+        """Driver side: build (or verify) the feature cache once for all actors."""
+        if cfg.algorithm.use_feature_cache:
+            from fedplatform.models.feature_cache import build_feature_cache
+
+            build_feature_cache(cfg, dataset)
+
+    def load_clip(self):
+        if self.clip is None:
+            from fedplatform.models.clip import clip_with_prototypes
+
+            clip = self.ctx.cfg.clip
+            self.clip, self.preprocess, _, self.text = clip_with_prototypes(
+                clip.model, clip.pretrained, self.ctx.class_names, self.cfg.prompt_template,
+                self.cfg.clean_class_names, self.ctx.device)
+        return self.clip
+
+    def cached_embeddings(self) -> np.ndarray:
+        """The memory-mapped feature cache [N, d] of the whole store."""
+        if self._cache is None:
+            from fedplatform.models.feature_cache import load_feature_cache
+
+            self._cache = load_feature_cache(self.ctx.cfg, self.ctx.dataset)
+        return self._cache
+
+    def image_embeddings(self, ids: np.ndarray) -> torch.Tensor:
+        """float(encode_image(CLIP view)) of samples [n, d] float32 on the device: cached rows, or
+        the encoder run on them now."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.cfg.use_feature_cache:
+            return torch.from_numpy(np.array(self.cached_embeddings()[ids])).to(self.ctx.device)
+        from fedplatform.models.feature_cache import encode_samples
+
+        return torch.from_numpy(encode_samples(self.load_clip(), self.preprocess, self.ctx.dataset, ids)).to(self.ctx.device)
