@@ -19,6 +19,7 @@ from fedplatform.errors import UserError
 from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
 from fedplatform.runtime.engine import Engine, summarize
+from fedplatform.runtime.replicate import PreparedData
 from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
 
 # Keys that may change on resume without changing the numbers (more rounds, other resources).
@@ -73,10 +74,10 @@ def run_experiment(
 
     resumed = _resume_target(cfg, resume) if resume else None
     ds = prepare(cfg)
-    get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
+    prepared = get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     ensure_ray(ray_address)
-    engine = Engine(cfg, str(ds.path), cfg.runtime.num_client_actors,
+    engine = Engine(cfg, PreparedData.serve(ds.path, prepared), cfg.runtime.num_client_actors,
                     server_state=resumed[2] if resumed else None)
     sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
     history: list[dict] = []

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent("""
     from fedplatform.experiment import run_experiment
     from fedplatform.runtime.checkpoint import load
     from fedplatform.runtime.engine import Engine
+    from fedplatform.runtime.replicate import PreparedData
 
     tmp = sys.argv[1]
     cfg = validate({
@@ -47,7 +48,7 @@ SCRIPT = textwrap.dedent("""
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
     ds = prepare(cfg)
-    engine = Engine(cfg, str(ds.path), cfg.runtime.num_client_actors)
+    engine = Engine(cfg, PreparedData.serve(ds.path), cfg.runtime.num_client_actors)
     info = ray.get([a.ready.remote() for a in engine.pool.actors])
     out["actor_nodes"] = sorted({i["node"] for i in info})
     engine.shutdown()

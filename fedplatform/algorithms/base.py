@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
@@ -87,9 +88,11 @@ class Algorithm(abc.ABC):
         self.cfg = ctx.cfg.algorithm
 
     @classmethod
-    def prepare(cls, cfg: ExperimentConfig, dataset: Any) -> None:
-        """Driver-side, once per run before any actor starts: build what actors will only read
-        (e.g. a frozen-CLIP feature cache). Default: nothing."""
+    def prepare(cls, cfg: ExperimentConfig, dataset: Any) -> list[Path]:
+        """Driver-side, once per run before any actor starts: check the setting against the data
+        and build what actors will only read (e.g. a frozen-CLIP feature cache). Returns the
+        directories built, which reach nodes that lack them (`runtime.replicate`). Default: none."""
+        return []
 
     @abc.abstractmethod
     def init_server_state(self, seed: int) -> State:

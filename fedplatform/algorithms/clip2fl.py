@@ -79,7 +79,7 @@ class CLIP2FL(FrozenCLIP, CReFF):
         check_clip2fl(ctx.cfg, ctx.class_names, ctx.num_classes, self.feature_dim)
 
     @classmethod
-    def prepare(cls, cfg, dataset) -> None:
+    def prepare(cls, cfg, dataset) -> list:
         """Driver side: check the setting and build (or verify) the frozen-CLIP feature cache."""
         from fedplatform.models.backbones import create_model
 
@@ -88,7 +88,7 @@ class CLIP2FL(FrozenCLIP, CReFF):
         with seeded_global_rng(0):
             dim = int(create_model(cfg.model.name, dataset.num_classes, shape[2], shape[0]).feature_dim)
         check_clip2fl(cfg, dataset.class_names, dataset.num_classes, dim)
-        cls.build_cache(cfg, dataset)
+        return cls.build_cache(cfg, dataset)
 
     # ------------------------------------------------------------------ client
 

@@ -93,9 +93,10 @@ class FedAvg(Algorithm):
         self._model: nn.Module | None = None
 
     @classmethod
-    def prepare(cls, cfg, dataset) -> None:
+    def prepare(cls, cfg, dataset) -> list:
         """Driver side: the augmentation must suit how the store keeps images."""
         check_augmentation(cfg.algorithm.augmentation, dataset.image_shape is None, cfg.data.dataset)
+        return []
 
     def build_model(self) -> nn.Module:
         height, _, channels = input_shape(self.ctx.cfg, self.ctx.image_shape)

@@ -74,9 +74,9 @@ class FedCLIP(FrozenCLIP, Algorithm):
         self._adapter: AttentionAdapter | None = None
 
     @classmethod
-    def prepare(cls, cfg, dataset) -> None:
+    def prepare(cls, cfg, dataset) -> list:
         _check_clip(cfg)
-        cls.build_cache(cfg, dataset)
+        return cls.build_cache(cfg, dataset)
 
     @property
     def scale(self) -> float:

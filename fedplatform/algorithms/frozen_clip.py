@@ -23,12 +23,13 @@ class FrozenCLIP:
     _cache: np.ndarray | None = None
 
     @staticmethod
-    def build_cache(cfg, dataset) -> None:
-        """Driver side: build (or verify) the feature cache once for all actors."""
-        if cfg.algorithm.use_feature_cache:
-            from fedplatform.models.feature_cache import build_feature_cache
+    def build_cache(cfg, dataset) -> list:
+        """Driver side: build (or verify) the feature cache once for all actors; [its directory]."""
+        if not cfg.algorithm.use_feature_cache:
+            return []
+        from fedplatform.models.feature_cache import build_feature_cache
 
-            build_feature_cache(cfg, dataset)
+        return [build_feature_cache(cfg, dataset)]
 
     def load_clip(self):
         if self.clip is None:

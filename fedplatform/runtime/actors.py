@@ -17,6 +17,7 @@ import torch
 from fedplatform.algorithms import ClientData
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import UserError
+from fedplatform.runtime.replicate import PreparedData
 
 # Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang", ...}
 # makes the actor die (once, guarded by the file named by "marker"), raise, or stall for "seconds"
@@ -67,9 +68,8 @@ def from_wire(arrays: dict) -> dict[str, torch.Tensor]:
 
 
 class _Worker:
-    def __init__(self, cfg: dict, store_path: str, num_cpus: float, num_gpus: float):
+    def __init__(self, cfg: dict, data: PreparedData, num_cpus: float, num_gpus: float):
         from fedplatform.algorithms import Context, get_algorithm
-        from fedplatform.data import open_store
 
         self.cfg = ExperimentConfig.model_validate(cfg)
         torch.set_num_threads(max(1, int(num_cpus)))
@@ -81,7 +81,7 @@ class _Worker:
             if 0 < num_gpus < 1:
                 # The GPU fraction is also a memory budget: one client cannot OOM the others.
                 torch.cuda.set_per_process_memory_fraction(num_gpus)
-        self.ds = open_store(store_path, verify=False)
+        self.ds = data.open_here()
         ctx = Context(cfg=self.cfg, num_classes=self.ds.num_classes, class_names=self.ds.class_names,
                       image_shape=self.ds.image_shape, norm_mean=self.ds.norm_mean, norm_std=self.ds.norm_std,
                       train_class_counts=self.ds.train_class_counts, device=self.device, dataset=self.ds)
@@ -137,9 +137,9 @@ class ClientActor(_Worker):
 
 @ray.remote
 class ServerActor(_Worker):
-    def __init__(self, cfg: dict, store_path: str, num_cpus: float, num_gpus: float,
+    def __init__(self, cfg: dict, data: PreparedData, num_cpus: float, num_gpus: float,
                  state: dict[str, torch.Tensor] | None = None):
-        super().__init__(cfg, store_path, num_cpus, num_gpus)
+        super().__init__(cfg, data, num_cpus, num_gpus)
         self.state = state if state is not None else self.algo.init_server_state(self.cfg.seed)
         self._payload_bytes = 0
         self._test = self._data(-1, self.ds.test_ids)

@@ -19,6 +19,7 @@ import ray
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import RunFailed, UserError
 from fedplatform.runtime.actors import ClientActor, ServerActor
+from fedplatform.runtime.replicate import PreparedData
 from fedplatform.runtime.resources import check_server_fits, client_pool_size
 
 ACTOR_START_TIMEOUT_S = 300.0
@@ -118,9 +119,9 @@ def _server_bundle() -> dict:
 
 
 class Engine:
-    def __init__(self, cfg: ExperimentConfig, store_path: str, num_actors: int, server_state=None):
+    def __init__(self, cfg: ExperimentConfig, data: PreparedData, num_actors: int, server_state=None):
         rt = cfg.runtime
-        args = (cfg.model_dump(mode="json"), store_path)
+        args = (cfg.model_dump(mode="json"), data)
         self.cfg = cfg
         check_server_fits(rt.server_resources)
         self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
