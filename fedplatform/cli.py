@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 
@@ -221,7 +222,13 @@ def add_sweep(sub) -> None:
 def cmd_sweep(args) -> int:
     from fedplatform.tune import run_sweep
 
-    result = run_sweep(args.space, args.overrides, tracking_uri=args.tracking_uri, resume=args.resume)
+    try:
+        result = run_sweep(args.space, args.overrides, tracking_uri=args.tracking_uri, resume=args.resume)
+    except KeyboardInterrupt:
+        again = ["fedplatform", "sweep", args.space, *(a for o in args.overrides for a in ("--set", o))]
+        again += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+        print(f"interrupted; continue with `{shlex.join(again + ['--resume'])}`", file=sys.stderr)
+        return 130
     print(result.table())
     print(f"MLflow parent run {result.parent_run_id}; summary and plots in {result.path}")
     return 0

@@ -1,14 +1,21 @@
 """Sweeps end to end on the session Ray (4 logical CPUs): trials are experiments in placement groups,
-nested MLflow runs, ASHA early stopping, concurrency, trial restarts from checkpoints, bad input."""
+nested MLflow runs, ASHA early stopping, concurrency, trial restarts from checkpoints, Ctrl-C and
+--resume, bad input."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from fedplatform.cli import main
 from fedplatform.config import ConfigError
 from fedplatform.errors import UserError
 from fedplatform.tune import run_sweep
@@ -64,10 +71,9 @@ def first_round2_client() -> int:
 CLIENT = first_round2_client()
 
 
-def children(client: MlflowClient, result):
+def children(client: MlflowClient, parent_run_id: str):
     exp = client.get_experiment_by_name("sweeps")
-    return client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def test_sweep_completes_with_one_row_per_trial(sweep):
@@ -83,7 +89,7 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial_with_per_round_metrics(sw
     assert parent.data.tags["fedplatform.kind"] == "sweep" and parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"sweep_summary.csv", "space.yaml", "base_config.yaml", "accuracy_vs_algorithm_lr.png"} <= artifacts
-    kids = children(client, result)
+    kids = children(client, result.parent_run_id)
     assert sorted(k.info.run_id for k in kids) == sorted(r["mlflow_run_id"] for r in result.rows)
     for kid, row in ((k, next(r for r in result.rows if r["mlflow_run_id"] == k.info.run_id)) for k in kids):
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "accuracy")]
@@ -100,7 +106,7 @@ def test_asha_stops_some_trials_early(sweep):
 
 def test_two_trials_run_concurrently_on_four_cpus(sweep):
     result, client, _ = sweep
-    spans = sorted((k.info.start_time, k.info.end_time) for k in children(client, result))
+    spans = sorted((k.info.start_time, k.info.end_time) for k in children(client, result.parent_run_id))
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
@@ -109,7 +115,7 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
     assert marker.exists()  # an actor really died, and with max_client_retries=0 its trial failed
     # still one child run per trial, and no round logged twice (checked above): the failed trial
     # continued its own run from its checkpoint instead of starting over
-    assert len(children(client, result)) == len(result.rows)
+    assert len(children(client, result.parent_run_id)) == len(result.rows)
     assert any(r["status"] == "finished" and r["rounds"] == 3 for r in result.rows)
 
 
@@ -166,7 +172,65 @@ def test_every_shipped_space_validates_against_its_pipeline(space):
 
 def test_every_trial_run_ends_finished_or_killed_and_finished_ones_keep_their_artifacts(sweep):
     result, client, _ = sweep
-    for run in children(client, result):
+    for run in children(client, result.parent_run_id):
         assert run.info.status in ("FINISHED", "KILLED") and run.info.end_time is not None
         if run.info.status == "FINISHED":
             assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_session):
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # trial rounds=1 finishes; trial rounds=2 checkpoints round 1, then hangs in round 2 until interrupted
+    path = write_space(tmp_path, space={"rounds": {"grid": [1, 2]}}, scheduler={"name": "fifo"})
+    ray_session["fault_file"].write_text(json.dumps({"round": 2, "client": CLIENT, "action": "hang",
+                                                     "seconds": 600}))
+    # the session's Ray; Tune copies its results (result.json) to the sweep directory every second, not every 10
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "sweep", str(path), "--tracking-uri", uri],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        # both trials' round 1 reached Tune (it writes result.json after taking a report and its checkpoint)
+        while sum(len(p.read_text().splitlines()) for p in tmp_path.glob("runs/sweeps/*/tune/*/result.json")) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the sweep never got to round 1 of both trials"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate(timeout=120)
+    finally:
+        ray_session["fault_file"].unlink(missing_ok=True)
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"interrupted; continue with `fedplatform sweep {path} --tracking-uri {uri} --resume`" in err
+    assert "MLflow parent run" not in out  # no summary of a sweep that did not finish
+    [sweep_dir] = (tmp_path / "runs" / "sweeps").iterdir()
+    parent_id = json.loads((sweep_dir / "fedplatform_sweep.json").read_text())["parent_run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(parent_id).info.status == "KILLED"
+    before = {k.info.run_id: k for k in children(client, parent_id)}
+    assert sorted((k.data.params["rounds"], k.info.status) for k in before.values()) == [
+        ("1", "FINISHED"), ("2", "KILLED")]
+
+    result = run_sweep(path, tracking_uri=uri, resume=True)
+    assert result.parent_run_id == parent_id and result.path == sweep_dir
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert sorted((r["status"], r["rounds"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
+    after = {k.info.run_id: k for k in children(client, parent_id)}
+    assert after.keys() == before.keys()  # each trial kept its one run: none started over
+    for run_id, kid in after.items():
+        rounds = int(kid.data.params["rounds"])
+        assert kid.info.status == "FINISHED"
+        # the interrupted trial went on from its round-1 checkpoint: no round logged twice
+        assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == list(range(1, rounds + 1))
+        if rounds == 1:  # finished before the interrupt: the resume left it alone
+            assert kid.info.end_time == before[run_id].info.end_time
+
+
+def test_resume_with_no_interrupted_sweep_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(write_space(tmp_path)), "--resume"]) == 2
+    root = tmp_path / "runs" / "sweeps"
+    assert capsys.readouterr().err == f"error: --resume: no interrupted sweep named 'space' under '{root}'\n"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

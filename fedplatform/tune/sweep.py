@@ -325,6 +325,10 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = _restore_run_dir(d, str(runs_dir))
+        if json.loads((Path(resume) / "checkpoint.json").read_text())["round"] >= cfg.rounds:
+            # Finished, and its last round reported, before the sweep stopped; Tune had not yet seen
+            # it end. Returning ends it on that report (reporting again would count a round twice).
+            return
 
     def report(row: dict) -> None:
         run_dir = next(p.parent for p in runs_dir.glob("*/checkpoint.json"))
@@ -368,6 +372,11 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     base, cfg = build_base(spec, space_path, list(overrides))
     check_space(spec, base, space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
+    root = Path(cfg.runtime.runs_dir) / "sweeps"
+    if resume:  # nothing to resume: one clear error before anything starts
+        previous = _sweep_dirs(root, name)
+        if not previous or not tune.Tuner.can_restore(str(previous[-1] / "tune")):
+            raise UserError(f"--resume: no interrupted sweep named '{name}' under '{root}'")
     tracker = Tracker(uri)  # unreachable store: one clear error before anything starts
     ensure_ray()
     cluster = ray.cluster_resources()
@@ -376,11 +385,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     concurrency = (concurrent_trials(bundles, cluster) if spec.max_concurrent_trials == "auto"
                    else spec.max_concurrent_trials)
 
-    root = Path(cfg.runtime.runs_dir) / "sweeps"
     if resume:
-        previous = _sweep_dirs(root, name)
-        if not previous or not tune.Tuner.can_restore(str(previous[-1] / "tune")):
-            raise UserError(f"--resume: no interrupted sweep named '{name}' under '{root}'")
         sweep_dir = previous[-1]
         parent_run_id = json.loads((sweep_dir / SWEEP_STATE).read_text())["parent_run_id"]
         tracker.resume(parent_run_id)
@@ -423,12 +428,27 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         grid = tuner.fit()
+        if _interrupted(spec, sweep_dir / "tune"):
+            for run_id in {(res.metrics or {}).get("mlflow_run_id") for res in grid} - {None}:
+                if tracker.client.get_run(run_id).info.status == "RUNNING":  # Tune stopped its trial
+                    tracker.client.set_terminated(run_id, status="KILLED")
+            raise KeyboardInterrupt
         result = _summarize(grid, spec, keys, cfg, name, parent_run_id, sweep_dir, tracker)
     except BaseException as exc:
         tracker.finish(exc)
         raise
     tracker.finish()
     return result
+
+
+def _interrupted(spec: SweepSpec, tune_dir: Path) -> bool:
+    """On Ctrl-C Tune saves its state and returns from fit() as if done (the trials it stopped read
+    TERMINATED); its saved state then lacks trials, or still has some pending or running."""
+    from ray.tune import ExperimentAnalysis
+
+    total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid")
+    saved = ExperimentAnalysis(str(tune_dir)).trials
+    return len(saved) < total or any(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
 def _tune_config(spec: SweepSpec, cfg: ExperimentConfig, concurrency: int):
