@@ -93,7 +93,7 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial_with_per_round_metrics(sw
     assert sorted(k.info.run_id for k in kids) == sorted(r["mlflow_run_id"] for r in result.rows)
     for kid, row in ((k, next(r for r in result.rows if r["mlflow_run_id"] == k.info.run_id)) for k in kids):
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "accuracy")]
-        assert steps == list(range(1, row["rounds"] + 1))  # once per round, none repeated
+        assert steps == list(range(1, row["rounds_run"] + 1))  # once per round, none repeated
         assert float(kid.data.params["algorithm.lr"]) == row["algorithm.lr"]
 
 
@@ -116,7 +116,7 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
     # still one child run per trial, and no round logged twice (checked above): the failed trial
     # continued its own run from its checkpoint instead of starting over
     assert len(children(client, result.parent_run_id)) == len(result.rows)
-    assert any(r["status"] == "finished" and r["rounds"] == 3 for r in result.rows)
+    assert any(r["status"] == "finished" and r["rounds_run"] == 3 for r in result.rows)
 
 
 def test_space_key_that_is_not_a_config_key_is_one_clear_error(tmp_path):
@@ -216,7 +216,7 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
     result = run_sweep(path, tracking_uri=uri, resume=True)
     assert result.parent_run_id == parent_id and result.path == sweep_dir
     assert client.get_run(parent_id).info.status == "FINISHED"
-    assert sorted((r["status"], r["rounds"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
+    assert sorted((r["status"], r["rounds_run"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
     after = {k.info.run_id: k for k in children(client, parent_id)}
     assert after.keys() == before.keys()  # each trial kept its one run: none started over
     for run_id, kid in after.items():
@@ -226,6 +226,8 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
         assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == list(range(1, rounds + 1))
         if rounds == 1:  # finished before the interrupt: the resume left it alone
             assert kid.info.end_time == before[run_id].info.end_time
+    with pytest.raises(UserError, match="sweep named 'space' .* finished; run it without --resume"):
+        run_sweep(path, tracking_uri=uri, resume=True)  # nothing left to resume
 
 
 def test_resume_with_no_interrupted_sweep_is_one_line_exit_2(tmp_path, capsys, monkeypatch):

@@ -377,6 +377,9 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         previous = _sweep_dirs(root, name)
         if not previous or not tune.Tuner.can_restore(str(previous[-1] / "tune")):
             raise UserError(f"--resume: no interrupted sweep named '{name}' under '{root}'")
+        if not _interrupted(spec, previous[-1] / "tune"):
+            raise UserError(f"--resume: the last sweep named '{name}' ({previous[-1]}) finished; "
+                            "run it without --resume to start a new one")
     tracker = Tracker(uri)  # unreachable store: one clear error before anything starts
     ensure_ray()
     cluster = ray.cluster_resources()
@@ -490,7 +493,7 @@ def _summarize(grid, spec: SweepSpec, keys: list[str], cfg: ExperimentConfig, na
         status = "error" if res.error else ("stopped early" if rounds_run < max_rounds else "finished")
         row = {"trial": m.get("trial_id", os.path.basename(str(res.path))), "algorithm": algorithm}
         row.update({k: res.config.get(k) for k in keys if k != "algorithm.name"})
-        row.update({"status": status, "rounds": rounds_run})
+        row.update({"status": status, "rounds_run": rounds_run})  # a swept `rounds` keeps its column
         row.update({k: m.get(k) for k in SUMMARY_METRICS if k in m})
         row["mlflow_run_id"] = m.get("mlflow_run_id")
         rows.append(row)
