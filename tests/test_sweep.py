@@ -101,7 +101,9 @@ def test_asha_stops_some_trials_early(sweep):
     result, client, _ = sweep
     stopped = [r for r in result.rows if r["status"] == "stopped early"]
     assert stopped and len(stopped) < len(result.rows)
-    assert all(client.get_run(r["mlflow_run_id"]).info.status == "KILLED" for r in stopped)
+    for r in stopped:  # a stop is not a failure, whichever of Tune's SystemExit and the summary lands last
+        run = client.get_run(r["mlflow_run_id"])
+        assert run.info.status == "KILLED" and "error" not in run.data.tags
 
 
 def test_two_trials_run_concurrently_on_four_cpus(sweep):

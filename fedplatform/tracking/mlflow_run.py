@@ -125,7 +125,9 @@ class Tracker:
         if self.run_id is None:
             return
         status = "FINISHED"
-        if error is not None:
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            status = "KILLED"  # stopped, not failed: Ctrl-C, or Tune ending a trial (SystemExit)
+        elif error is not None:
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            status = "FAILED"
         self.client.set_terminated(self.run_id, status=status)
