@@ -117,8 +117,12 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
     assert marker.exists()  # an actor really died, and with max_client_retries=0 its trial failed
     # still one child run per trial, and no round logged twice (checked above): the failed trial
     # continued its own run from its checkpoint instead of starting over
-    assert len(children(client, result.parent_run_id)) == len(result.rows)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == len(result.rows)
     assert any(r["status"] == "finished" and r["rounds_run"] == 3 for r in result.rows)
+    # the failure stays on record in the run that went on, but not as how it ended
+    assert ["ClientError" in k.data.tags.get("resumed_after_error", "") for k in kids].count(True) == 1
+    assert not any("error" in k.data.tags for k in kids)
 
 
 def test_space_key_that_is_not_a_config_key_is_one_clear_error(tmp_path):

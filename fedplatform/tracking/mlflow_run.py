@@ -95,6 +95,9 @@ class Tracker:
         except Exception:  # noqa: BLE001
             raise UserError(f"MLflow run '{run_id}' does not exist in tracking store '{self.uri}'") from None
         self.run_id = run.info.run_id
+        if "error" in run.data.tags:  # "error" describes how the run ended; it goes on now
+            self.client.set_tag(self.run_id, "resumed_after_error", run.data.tags["error"])
+            self.client.delete_tag(self.run_id, "error")
         self.client.update_run(self.run_id, status="RUNNING")
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
