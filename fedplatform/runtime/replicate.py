@@ -15,11 +15,10 @@ from typing import Any
 
 import ray
 
-from fedplatform.data.store import FederatedDataset, atomic_directory, open_store, sha256_file
+from fedplatform.data.store import META, FederatedDataset, atomic_directory, open_store, sha256_file
 
 CHUNK_BYTES = 64 << 20
-META = "meta.json"
-"""Every prepared directory writes its meta.json last; its presence marks a complete directory."""
+# Every prepared directory (store, feature cache) writes META last: its presence marks it complete.
 
 
 @ray.remote(num_cpus=0)
