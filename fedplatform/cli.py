@@ -203,7 +203,7 @@ def _print_summary(cfg, result, tracking_uri: str | None) -> None:
                       "show the pipeline works end to end, not what the method achieves with pretrained CLIP")
     uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
     console.print(f"MLflow run {result.run_id}; checkpoints in {result.run_dir}")
-    console.print(f"open the UI: mlflow ui --backend-store-uri {uri}")
+    console.print(f"open the UI: fedplatform ui --tracking-uri {uri}")
 
 
 # ---------------------------------------------------------------------------- sweep, ui

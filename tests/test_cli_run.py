@@ -21,7 +21,7 @@ def test_run_quickstart_finishes_offline_and_prints_its_summary(tmp_path):
     proc = fedplatform("run", str(ROOT / "pipelines/quickstart.yaml"), "--set", "rounds=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "final_accuracy" in proc.stdout
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    assert "open the UI: fedplatform ui --tracking-uri sqlite:///mlflow.db" in proc.stdout
     assert (tmp_path / "mlflow.db").exists()
     assert len(list((tmp_path / "fedplatform_runs").iterdir())) == 1
 
