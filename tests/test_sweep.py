@@ -218,12 +218,16 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
     before = {k.info.run_id: k for k in children(client, parent_id)}
     assert sorted((k.data.params["rounds"], k.info.status) for k in before.values()) == [
         ("1", "FINISHED"), ("2", "KILLED")]
+    # a trial attempt left RUNNING by a sweep driver killed outright (SIGKILL): no trial goes on with it
+    orphan = client.create_run(client.get_run(parent_id).info.experiment_id,
+                               tags={"mlflow.parentRunId": parent_id}).info.run_id
 
     result = run_sweep(path, tracking_uri=uri, resume=True)
+    assert client.get_run(orphan).info.status == "KILLED"
     assert result.parent_run_id == parent_id and result.path == sweep_dir
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert sorted((r["status"], r["rounds_run"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
-    after = {k.info.run_id: k for k in children(client, parent_id)}
+    after = {k.info.run_id: k for k in children(client, parent_id) if k.info.run_id != orphan}
     assert after.keys() == before.keys()  # each trial kept its one run: none started over
     for run_id, kid in after.items():
         rounds = int(kid.data.params["rounds"])

@@ -431,10 +431,14 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         grid = tuner.fit()
-        if _interrupted(spec, sweep_dir / "tune"):
-            for run_id in {(res.metrics or {}).get("mlflow_run_id") for res in grid} - {None}:
-                if tracker.client.get_run(run_id).info.status == "RUNNING":  # Tune stopped its trial
-                    tracker.client.set_terminated(run_id, status="KILLED")
+        interrupted = _interrupted(spec, sweep_dir / "tune")
+        current = {(res.metrics or {}).get("mlflow_run_id") for res in grid}
+        for run in _child_runs(tracker.client, parent_run_id):
+            # Interrupted: Tune stopped these trials. Otherwise: a run no trial goes on with, left
+            # RUNNING by a trial that started over (its sweep driver was killed before Tune saved it).
+            if run.info.status == "RUNNING" and (interrupted or run.info.run_id not in current):
+                tracker.client.set_terminated(run.info.run_id, status="KILLED")
+        if interrupted:
             raise KeyboardInterrupt
         result = _summarize(grid, spec, keys, cfg, name, parent_run_id, sweep_dir, tracker)
     except BaseException as exc:
@@ -442,6 +446,11 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         raise
     tracker.finish()
     return result
+
+
+def _child_runs(client, parent_run_id: str) -> list:
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def _interrupted(spec: SweepSpec, tune_dir: Path) -> bool:
