@@ -19,6 +19,7 @@ from fedplatform.cli import main
 from fedplatform.config import ConfigError
 from fedplatform.errors import UserError
 from fedplatform.tune import run_sweep
+from fedplatform.tune.sweep import _child_runs
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
@@ -71,11 +72,6 @@ def first_round2_client() -> int:
 CLIENT = first_round2_client()
 
 
-def children(client: MlflowClient, parent_run_id: str):
-    exp = client.get_experiment_by_name("sweeps")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-
-
 def test_sweep_completes_with_one_row_per_trial(sweep):
     result, _, _ = sweep
     assert len(result.rows) == 4
@@ -89,7 +85,7 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial_with_per_round_metrics(sw
     assert parent.data.tags["fedplatform.kind"] == "sweep" and parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"sweep_summary.csv", "space.yaml", "base_config.yaml", "accuracy_vs_algorithm_lr.png"} <= artifacts
-    kids = children(client, result.parent_run_id)
+    kids = _child_runs(client, result.parent_run_id)
     assert sorted(k.info.run_id for k in kids) == sorted(r["mlflow_run_id"] for r in result.rows)
     for kid, row in ((k, next(r for r in result.rows if r["mlflow_run_id"] == k.info.run_id)) for k in kids):
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "accuracy")]
@@ -108,7 +104,7 @@ def test_asha_stops_some_trials_early(sweep):
 
 def test_two_trials_run_concurrently_on_four_cpus(sweep):
     result, client, _ = sweep
-    spans = sorted((k.info.start_time, k.info.end_time) for k in children(client, result.parent_run_id))
+    spans = sorted((k.info.start_time, k.info.end_time) for k in _child_runs(client, result.parent_run_id))
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
@@ -117,7 +113,7 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
     assert marker.exists()  # an actor really died, and with max_client_retries=0 its trial failed
     # still one child run per trial, and no round logged twice (checked above): the failed trial
     # continued its own run from its checkpoint instead of starting over
-    kids = children(client, result.parent_run_id)
+    kids = _child_runs(client, result.parent_run_id)
     assert len(kids) == len(result.rows)
     assert any(r["status"] == "finished" and r["rounds_run"] == 3 for r in result.rows)
     # the failure stays on record in the run that went on, but not as how it ended
@@ -178,7 +174,7 @@ def test_every_shipped_space_validates_against_its_pipeline(space):
 
 def test_every_trial_run_ends_finished_or_killed_and_finished_ones_keep_their_artifacts(sweep):
     result, client, _ = sweep
-    for run in children(client, result.parent_run_id):
+    for run in _child_runs(client, result.parent_run_id):
         assert run.info.status in ("FINISHED", "KILLED") and run.info.end_time is not None
         if run.info.status == "FINISHED":
             assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -215,7 +211,7 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
     parent_id = json.loads((sweep_dir / "fedplatform_sweep.json").read_text())["parent_run_id"]
     client = MlflowClient(uri)
     assert client.get_run(parent_id).info.status == "KILLED"
-    before = {k.info.run_id: k for k in children(client, parent_id)}
+    before = {k.info.run_id: k for k in _child_runs(client, parent_id)}
     assert sorted((k.data.params["rounds"], k.info.status) for k in before.values()) == [
         ("1", "FINISHED"), ("2", "KILLED")]
     # a trial attempt left RUNNING by a sweep driver killed outright (SIGKILL): no trial goes on with it
@@ -227,7 +223,7 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
     assert result.parent_run_id == parent_id and result.path == sweep_dir
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert sorted((r["status"], r["rounds_run"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
-    after = {k.info.run_id: k for k in children(client, parent_id) if k.info.run_id != orphan}
+    after = {k.info.run_id: k for k in _child_runs(client, parent_id) if k.info.run_id != orphan}
     assert after.keys() == before.keys()  # each trial kept its one run: none started over
     for run_id, kid in after.items():
         rounds = int(kid.data.params["rounds"])
