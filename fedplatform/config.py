@@ -106,6 +106,10 @@ class LocalTraining(Section):
     """Fixed-size images: reference (one random crop, pad 4, and flip per batch, as the CLIP2FL
     code), per_sample (an independent draw per image) or none. Encoded images (ImageNet-LT, PACS):
     imagenet (RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4, 0)) or none."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Local training arithmetic: fp32 (reference) or bf16 autocast of the forward pass (weights,
+    gradients, optimizer and the loss stay fp32; no loss scaling needed). bf16 changes the numbers
+    slightly; it is fast on GPUs and on CPUs with AMX/AVX512-BF16."""
 
 
 class FedAvgConfig(LocalTraining):

@@ -81,6 +81,14 @@ def test_kd_gradient_flows_only_into_the_student():
     assert s.grad is not None and q.grad is None
 
 
+def test_kd_of_bf16_student_logits_is_taken_in_fp32():
+    s, q = torch.randn(4, 10) * 5, torch.randn(4, 10) * 50
+    low = s.bfloat16()
+    value = kd_loss(low, q, 3.0)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(kd_loss(low.float(), q, 3.0).item(), rel=1e-6)
+
+
 def test_teacher_logits_are_100_times_cosine_to_the_text_prototypes():
     e = torch.tensor([[3.0, 4.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -174,6 +174,23 @@ def test_fedavg_learns_digits_through_the_contract(digits):
     assert metrics == algo.evaluate(state, ClientData(-1, *digits["test"]))  # evaluation is deterministic
 
 
+def test_bf16_local_training_is_reproducible_close_to_fp32_and_keeps_fp32_state(digits):
+    payload = make_algorithm(digits).init_server_state(0)
+    fp32 = train_once(digits, payload, local_epochs=2)
+    bf16 = train_once(digits, payload, local_epochs=2, precision="bf16")
+    again = train_once(digits, payload, local_epochs=2, precision="bf16")
+    assert all(torch.equal(bf16.tensors[k], again.tensors[k]) for k in bf16.tensors)
+    assert all(bf16.tensors[k].dtype == payload[k].dtype for k in payload)
+    moved, gap = distance(fp32.tensors, payload), distance(bf16.tensors, fp32.tensors)
+    assert 0 < gap < 0.1 * moved  # bf16 rounding changes the update, slightly
+    assert abs(bf16.metrics["train_loss"] - fp32.metrics["train_loss"]) < 0.05 * fp32.metrics["train_loss"]
+
+
+def test_unknown_precision_is_rejected_naming_the_choices():
+    with pytest.raises(Exception, match="fp32.*bf16|bf16.*fp32"):
+        ExperimentConfig.model_validate({"algorithm": {"name": "fedavg", "precision": "fp16"}})
+
+
 # ---------------------------------------------------------------------------- FedProx
 
 

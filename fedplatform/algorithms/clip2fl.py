@@ -36,8 +36,8 @@ TEACHER_LOGIT_SCALE = 100.0
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Reference `KDLoss`: T² · (1/B) Σ_i KL(softmax(teacher_i/T) ‖ softmax(student_i/T)); the
-    gradient flows only into the student."""
-    log_r = F.log_softmax(student / temperature, dim=1)
+    gradient flows only into the student. Taken in fp32 (also under bf16 autocast)."""
+    log_r = F.log_softmax(student.float() / temperature, dim=1)
     p = F.softmax(teacher.detach() / temperature, dim=1)
     return F.kl_div(log_r, p, reduction="batchmean") * temperature**2
 

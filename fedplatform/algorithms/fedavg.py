@@ -41,18 +41,22 @@ def local_sgd(
     """Reference local training: train mode, SGD(lr, no momentum, no weight decay), a fresh
     optimizer per call, `local_epochs` passes reshuffled by `torch.randperm(n, generator)`, batches
     of `batch_size` with the last partial one kept, `train.augmentation` per batch. `images` gives
-    normalised batches on the model's device. Returns the mean loss over all steps."""
+    normalised batches on the model's device. `train.precision` bf16 runs the loss under bf16
+    autocast (the loss itself is taken in fp32). Returns the mean loss over all steps."""
     model.train()
+    device = labels.device
+    bf16 = train.precision == "bf16"
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.lr)
     n = len(labels)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     for _ in range(train.local_epochs):
         order = torch.randperm(n, generator=generator, device=generator.device).to(labels.device)
         for start in range(0, n, train.batch_size):
             index = order[start : start + train.batch_size]
             x = images.train(index, train.augmentation, generator)
-            loss = loss_fn(model, x, labels[index], index)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model, x, labels[index], index).float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
