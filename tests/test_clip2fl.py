@@ -162,9 +162,10 @@ def test_upload_has_gradients_of_present_classes_only(dataset):
     assert update.num_samples == len(d.labels)
 
 
-def test_cached_and_per_step_teacher_give_the_same_local_update(dataset):
-    cached = make_algo(digits_config(), dataset)
-    uncached = make_algo(digits_config(use_feature_cache=False), dataset)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 student: the teacher stays at the cache's fp32
+def test_cached_and_per_step_teacher_give_the_same_local_update(dataset, precision):
+    cached = make_algo(digits_config(precision=precision), dataset)
+    uncached = make_algo(digits_config(use_feature_cache=False, precision=precision), dataset)
     payload = cached.broadcast(cached.init_server_state(7))
     d = data(dataset, 1)
     a = cached.client_update(payload, d, torch.Generator().manual_seed(3))

@@ -43,8 +43,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 
 def teacher_logits(image_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """q = 100 · normalize(e) · Tᵀ (T already L2-normalised), [n, C] float32."""
-    return TEACHER_LOGIT_SCALE * F.normalize(image_embeddings.float(), dim=-1) @ text.t()
+    """q = 100 · normalize(e) · Tᵀ (T already L2-normalised), [n, C] float32, also under autocast
+    (the cached and the per-step teacher give the same logits at any student precision)."""
+    with torch.autocast(image_embeddings.device.type, enabled=False):
+        return TEACHER_LOGIT_SCALE * F.normalize(image_embeddings.float(), dim=-1) @ text.float().t()
 
 
 def check_clip2fl(cfg, class_names: list[str], num_classes: int, student_dim: int) -> None:
