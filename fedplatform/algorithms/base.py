@@ -88,6 +88,11 @@ class Algorithm(abc.ABC):
         self.cfg = ctx.cfg.algorithm
 
     @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Driver-side, before the data are prepared or anything starts (also for every trial of a
+        sweep): the cheap checks a worker would otherwise fail on. Raises UserError. Default: none."""
+
+    @classmethod
     def prepare(cls, cfg: ExperimentConfig, dataset: Any) -> list[Path]:
         """Driver-side, once per run before any actor starts: check the setting against the data
         and build what actors will only read (e.g. a frozen-CLIP feature cache). Returns the

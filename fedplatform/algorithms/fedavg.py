@@ -23,7 +23,7 @@ from fedplatform.algorithms.base import (
 )
 from fedplatform.algorithms.images import StudentImages, check_augmentation, input_shape, student_images
 from fedplatform.config import LocalTraining
-from fedplatform.models.backbones import create_model
+from fedplatform.models.backbones import check_model_name, create_model
 
 LocalLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """loss(model, x, y, index) -> scalar: x the augmented normalised batch, y its labels, index the
@@ -95,6 +95,12 @@ class FedAvg(Algorithm):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._model: nn.Module | None = None
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """A known student."""
+        super().check(cfg)
+        check_model_name(cfg.model.name)
 
     @classmethod
     def prepare(cls, cfg, dataset) -> list:

@@ -22,6 +22,15 @@ class FrozenCLIP:
     clip = None
     _cache: np.ndarray | None = None
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """This machine can load the CLIP: one clear line now rather than an actor's death."""
+        super().check(cfg)
+        if cfg.clip.model:
+            from fedplatform.models.clip import require_weights
+
+            require_weights(cfg.clip.model, cfg.clip.pretrained)
+
     @staticmethod
     def build_cache(cfg, dataset) -> list:
         """Driver side: build (or verify) the feature cache once for all actors; [its directory]."""
@@ -51,10 +60,13 @@ class FrozenCLIP:
 
     def image_embeddings(self, ids: np.ndarray) -> torch.Tensor:
         """float(encode_image(CLIP view)) of samples [n, d] float32 on the device: cached rows, or
-        the encoder run on them now."""
+        the encoder run on them now, at the cache's precision whatever the caller's autocast (the
+        same numbers as the cache; a frozen model under autocast also re-casts its weights every call)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self.cfg.use_feature_cache:
             return torch.from_numpy(np.array(self.cached_embeddings()[ids])).to(self.ctx.device)
         from fedplatform.models.feature_cache import encode_samples
 
-        return torch.from_numpy(encode_samples(self.load_clip(), self.preprocess, self.ctx.dataset, ids)).to(self.ctx.device)
+        with torch.no_grad(), torch.autocast(self.ctx.device.type, enabled=False):
+            e = encode_samples(self.load_clip(), self.preprocess, self.ctx.dataset, ids)
+        return torch.from_numpy(e).to(self.ctx.device)

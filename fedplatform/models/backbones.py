@@ -32,10 +32,14 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorator
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Build registered model `name` for `num_classes` classes and square `image_size` inputs."""
+def check_model_name(name: str) -> None:
     if name not in MODELS:
         raise UserError(f"model.name={name!r} is not a known model; choose one of {', '.join(sorted(MODELS))}")
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Build registered model `name` for `num_classes` classes and square `image_size` inputs."""
+    check_model_name(name)
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,11 +115,8 @@ def create_clip(model: str, pretrained: str | None, device: str | torch.device =
         _load_checkpoint(clip, pretrained, model)
         info = ClipInfo(model, True, identity, str(Path(pretrained).resolve()), dim, precision)
     else:
-        known = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained not in known:
-            listed = ", ".join(known) if known else "none (use a local checkpoint path or null)"
-            raise UserError(f"clip.pretrained={pretrained!r} is not a known open_clip tag for {model}; known tags: {listed}")
-        clip, preprocess = _create_from_tag(model, pretrained, device, precision)
+        with _hf_offline() if _locate_tag(model, pretrained) else nullcontext():
+            clip, preprocess = _create(model, pretrained, device, precision)
         info = ClipInfo(model, True, f"tag:{pretrained}", pretrained, dim, precision)
     clip.eval()
     clip.requires_grad_(False)
@@ -144,34 +141,52 @@ def _create(model: str, pretrained: str | None, device: torch.device, precision:
     return clip, preprocess
 
 
-def _create_from_tag(model: str, tag: str, device: torch.device, precision: str):
+def require_weights(model: str, pretrained: str | None) -> None:
+    """Fail now, with the UserError loading would give, when this machine cannot load the CLIP:
+    an unknown model or tag, a missing checkpoint file, hub weights neither cached nor reachable.
+    Run on the driver before any actor starts, so the message is not buried in an actor's death."""
+    embed_dim(model)
+    if pretrained is None:
+        return
+    if is_checkpoint_path(pretrained):
+        weights_identity(model, pretrained)
+    else:
+        _locate_tag(model, pretrained)
+
+
+def _locate_tag(model: str, tag: str) -> bool:
+    """A known tag whose weights are reachable (open_clip downloads them) or in the local cache
+    (checked offline, without HTTP or retries: well under a second when they are not there).
+    Returns whether this machine is offline (the model must then be built from the cache only)."""
+    known = open_clip.list_pretrained_tags_by_model(model)
+    if tag not in known:
+        listed = ", ".join(known) if known else "none (use a local checkpoint path or null)"
+        raise UserError(f"clip.pretrained={tag!r} is not a known open_clip tag for {model}; known tags: {listed}")
     cfg = open_clip.get_pretrained_cfg(model, tag)
     hosts = [urlparse(u).hostname for u in (cfg.get("url") or "",) if u]
     if cfg.get("hf_hub"):
         hosts.insert(0, "huggingface.co")
     offline = _env_true(OFFLINE_ENV) or _env_true("HF_HUB_OFFLINE") or not any(_reachable(h) for h in hosts if h)
+    if not offline:
+        return False
     hint = (f"CLIP weights {model}/{tag} are not in the local cache and {', '.join(h for h in hosts if h)} cannot "
             f"be reached (no network). Download them on a machine with network access (e.g. "
             f"open_clip.create_model('{model}', pretrained='{tag}')) and pass the checkpoint file as a local "
             f"path: clip.pretrained=/path/to/{model}-{tag}.pt (or copy the Hugging Face cache, "
             f"~/.cache/huggingface, to this machine)")
-    if not offline:
-        return _create(model, tag, device, precision)
     if not cfg.get("hf_hub"):  # URL-only weights: urllib has no timeout, so check the cache first
         url = cfg.get("url", "")
-        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
-        if not cached.is_file():
+        if not (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)).is_file():
             raise UserError(hint)
-    # Resolve the weights file from the local cache before building the model: fail in well under
-    # a second when they are not there.
+        return True
     with _hf_offline():
         try:
             found = open_clip.pretrained.download_pretrained(cfg)
         except Exception as exc:  # noqa: BLE001 - any lookup failure offline means "not cached"
             raise UserError(f"{hint} [{type(exc).__name__}]") from None
-        if not found:
-            raise UserError(hint)
-        return _create(model, tag, device, precision)
+    if not found:
+        raise UserError(hint)
+    return True
 
 
 def _env_true(name: str) -> bool:
