@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from fedplatform import __version__
-from fedplatform.errors import RunFailed, UserError
+from fedplatform.errors import RunFailed, RunInterrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,12 +90,9 @@ def cmd_data_describe(args) -> int:
 
 def _print_description(desc: dict, ds) -> None:
     import numpy as np
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
-        console = Console(width=200)
+    console = _console()
     names, C = desc["class_names"], desc["num_classes"]
     train, test = np.array(desc["train_class_counts"]), np.array(desc["test_class_counts"])
     hist = np.array([c["class_counts"] for c in desc["clients"]])
@@ -179,19 +176,39 @@ def cmd_run(args) -> int:
     from fedplatform.experiment import run_experiment
 
     cfg = load_config(args.pipeline, args.overrides)
-    result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
-                            ray_address=args.ray_address)
+    try:
+        result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
+                                ray_address=args.ray_address)
+    except RunInterrupted as exc:
+        again = ["--ray-address", args.ray_address] if args.ray_address else []
+        return _interrupted(args, "run", args.pipeline, *again, "--resume", exc.run_id)
     _print_summary(cfg, result, args.tracking_uri)
     return 0
 
 
-def _print_summary(cfg, result, tracking_uri: str | None) -> None:
+def _console():
+    """A rich console that does not squeeze its output into 80 columns when piped or redirected
+    (tables, long paths and commands stay greppable and copyable)."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _interrupted(args, command: str, path: str, *resume: str) -> int:
+    """Ctrl-C: print the exact command that continues (same file, overrides and tracking URI)."""
+    again = ["fedplatform", command, path, *(a for o in args.overrides for a in ("--set", o))]
+    again += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    print(f"interrupted; continue with `{shlex.join(again + list(resume))}`", file=sys.stderr)
+    return 130
+
+
+def _print_summary(cfg, result, tracking_uri: str | None) -> None:
     from rich.table import Table
 
     from fedplatform.tracking.mlflow_run import resolve_uri
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{cfg.name}: {cfg.algorithm.name} on {cfg.data.dataset}, {result.summary.get('rounds')} rounds")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -225,10 +242,7 @@ def cmd_sweep(args) -> int:
     try:
         result = run_sweep(args.space, args.overrides, tracking_uri=args.tracking_uri, resume=args.resume)
     except KeyboardInterrupt:
-        again = ["fedplatform", "sweep", args.space, *(a for o in args.overrides for a in ("--set", o))]
-        again += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
-        print(f"interrupted; continue with `{shlex.join(again + ['--resume'])}`", file=sys.stderr)
-        return 130
+        return _interrupted(args, "sweep", args.space, "--resume")
     print(result.table())
     print(f"MLflow parent run {result.parent_run_id}; summary and plots in {result.path}")
     return 0
@@ -270,11 +284,13 @@ def cmd_cache_build(args) -> int:
     from fedplatform.data import prepare
     from fedplatform.errors import UserError
     from fedplatform.experiment import ensure_ray
+    from fedplatform.models.clip import require_weights
     from fedplatform.models.feature_cache import build_feature_cache
 
     cfg = load_config(args.pipeline, args.overrides)
     if cfg.clip.model is None:
         raise UserError(f"pipeline '{args.pipeline}' sets no clip.model; a feature cache needs one (e.g. ViT-B-32)")
+    require_weights(cfg.clip.model, cfg.clip.pretrained)
     ds = prepare(cfg)
     ensure_ray(args.ray_address)
     print(build_feature_cache(cfg, ds))
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; continue with `fedplatform run PIPELINE --resume RUN_ID`", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - anything else (a lost node, a bug): one line unless --debug
         if debug:

@@ -8,3 +8,11 @@ class UserError(Exception):
 class RunFailed(RuntimeError):
     """A run stopped because of what happened during training (a client raised, a round timed
     out); the message carries the details, e.g. the client's traceback."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run whose checkpoints can be resumed: carries its run id."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id

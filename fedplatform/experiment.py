@@ -6,6 +6,7 @@ leaves a half-made run behind.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,14 @@ import ray
 
 from fedplatform import __version__
 from fedplatform.config import ExperimentConfig, flatten, to_yaml
-from fedplatform.errors import UserError
+from fedplatform.errors import RunInterrupted, UserError
 from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
 from fedplatform.runtime.engine import Engine, summarize
 from fedplatform.runtime.replicate import PreparedData
 from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
+
+log = logging.getLogger(__name__)
 
 # Keys that may change on resume without changing the numbers (more rounds, other resources).
 RESUMABLE_CHANGES = ("rounds", "runtime.", "tracking.", "data.cache_dir", "data.root")
@@ -63,7 +66,7 @@ def run_experiment(
     tracking_uri: str | None = None,
     resume: str | None = None,
     parent_run_id: str | None = None,
-    on_round: Callable[[dict], None] | None = None,
+    on_round: Callable[[dict, Path], None] | None = None,
     progress: bool = True,
     ray_address: str | None = None,
 ) -> RunResult:
@@ -73,8 +76,10 @@ def run_experiment(
     from fedplatform.algorithms import get_algorithm
 
     resumed = _resume_target(cfg, resume) if resume else None
+    algorithm = get_algorithm(cfg.algorithm.name)
+    algorithm.check(cfg)
     ds = prepare(cfg)
-    prepared = get_algorithm(cfg.algorithm.name).prepare(cfg, ds)
+    prepared = algorithm.prepare(cfg, ds)
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     ensure_ray(ray_address)
     engine = Engine(cfg, PreparedData.serve(ds.path, prepared), cfg.runtime.num_client_actors,
@@ -92,6 +97,7 @@ def run_experiment(
         run_dir, start_round = Path(cfg.runtime.runs_dir) / tracker.run_id, 1
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
+    log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)
     try:
         with _Progress(cfg.rounds, start_round - 1, enabled=progress) as bar:
             for r in range(start_round, cfg.rounds + 1):
@@ -106,11 +112,13 @@ def run_experiment(
                                                      ckpt_io.jsonable(history)), engine.state())
                 bar.update(row)
                 if on_round is not None:
-                    on_round(row)
+                    on_round(row, run_dir)
         summary = summarize(history)
         _log_final(tracker, ds, history, summary, engine.state())
     except BaseException as exc:
         tracker.finish(exc)
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+            raise RunInterrupted(tracker.run_id) from exc
         raise
     finally:
         engine.shutdown()

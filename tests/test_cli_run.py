@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedplatform(*args, cwd):
+    """The CLI in a subprocess, offline (no download is ever tried, network or not)."""
     return subprocess.run([sys.executable, "-m", "fedplatform.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=dict(os.environ, FEDPLATFORM_OFFLINE="1"))
 
 
 def test_run_quickstart_finishes_offline_and_prints_its_summary(tmp_path):
@@ -26,18 +27,67 @@ def test_run_quickstart_finishes_offline_and_prints_its_summary(tmp_path):
     assert len(list((tmp_path / "fedplatform_runs").iterdir())) == 1
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algorithm.name=nope", "algorithm.name='nope' is not a known algorithm"),
-    ("clients_per_round=50", "clients_per_round=50 exceeds partition.num_clients=10"),
-    ("runtime.num_client_actors=0", "runtime.num_client_actors=0 must be >= 1 or 'auto'"),
+@pytest.mark.parametrize("pipeline, overrides, message", [
+    ("quickstart", ["algorithm.name=nope"], "algorithm.name='nope' is not a known algorithm"),
+    ("quickstart", ["clients_per_round=50"], "clients_per_round=50 exceeds partition.num_clients=10"),
+    ("quickstart", ["runtime.num_client_actors=0"], "runtime.num_client_actors=0 must be >= 1 or 'auto'"),
+    ("quickstart", ["model.name=resnet9"], "model.name='resnet9' is not a known model; choose one of"),
+    ("quickstart_clip2fl", ["clip.model=ViT-B-32", "clip.pretrained=openai"],
+     "CLIP weights ViT-B-32/openai are not in the local cache"),
+    ("quickstart_fedclip", ["clip.pretrained=openai"], "clip.pretrained='openai' is not a known open_clip tag"),
 ])
-def test_run_bad_input_is_one_line_exit_2_and_creates_no_run(tmp_path, override, message):
-    proc = fedplatform("run", str(ROOT / "pipelines/quickstart.yaml"), "--set", override, cwd=tmp_path)
+def test_run_bad_input_is_one_line_exit_2_and_creates_no_run(tmp_path, pipeline, overrides, message):
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = fedplatform("run", str(ROOT / f"pipelines/{pipeline}.yaml"), *sets, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip().removeprefix('error: ')}"]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "fedplatform_runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_ctrl_c_prints_the_exact_resume_command_and_it_continues_the_same_run(tmp_path):
+    import json
+    import shlex
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from fedplatform.config import load_config
+    from fedplatform.data import prepare
+    from fedplatform.runtime.actors import FAULT_ENV
+    from fedplatform.runtime.checkpoint import ClientSampler
+
+    pipeline = str(ROOT / "pipelines/quickstart.yaml")
+    cfg = load_config(pipeline, ["rounds=4"])
+    sampler = ClientSampler(cfg.seed, prepare(cfg).client_ids, cfg.clients_per_round)
+    sampler.sample()
+    fault = tmp_path / "fault.json"  # round 2 hangs until the interrupt
+    fault.write_text(json.dumps({"round": 2, "client": int(sampler.sample()[0]), "action": "hang", "seconds": 600}))
+    proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "run", pipeline, "--set", "rounds=4"],
+                            cwd=tmp_path, env=dict(os.environ, **{FAULT_ENV: str(fault)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("fedplatform_runs/*/checkpoint.json")):  # round 1 is saved
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    [run_dir] = (tmp_path / "fedplatform_runs").iterdir()
+    assert proc.returncode == 130, err
+    command = f"fedplatform run {pipeline} --set rounds=4 --resume {run_dir.name}"
+    assert f"interrupted; continue with `{command}`" in err
+    assert f"MLflow run {run_dir.name}, checkpoints in fedplatform_runs/{run_dir.name}" in err  # said at the start
+    client = MlflowClient("sqlite:///" + str(tmp_path / "mlflow.db"))
+    assert client.get_run(run_dir.name).info.status == "KILLED"
+
+    again = fedplatform(*shlex.split(command)[1:], cwd=tmp_path)  # no fault this time
+    assert again.returncode == 0, again.stderr
+    assert client.get_run(run_dir.name).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_dir.name, "accuracy")] == [1, 2, 3, 4]
 
 
 def test_resume_of_unknown_run_is_one_line_exit_2(tmp_path):
