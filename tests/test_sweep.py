@@ -58,18 +58,19 @@ def sweep(tmp_path_factory, ray_session):
     return result, MlflowClient(uri), marker
 
 
-def first_round2_client() -> int:
+def first_client(round: int) -> int:
     from fedplatform.config import load_config
     from fedplatform.data import prepare
     from fedplatform.runtime.checkpoint import ClientSampler
 
     cfg = load_config(QUICKSTART, ["rounds=3"])
     sampler = ClientSampler(cfg.seed, prepare(cfg).client_ids, cfg.clients_per_round)
-    sampler.sample()
-    return sampler.sample()[0]
+    for _ in range(round):
+        first = sampler.sample()[0]
+    return int(first)
 
 
-CLIENT = first_round2_client()
+CLIENT, ROUND1_CLIENT = first_client(2), first_client(1)
 
 
 def test_sweep_completes_with_one_row_per_trial(sweep):
@@ -134,6 +135,24 @@ def test_grid_values_under_optuna_are_rejected(tmp_path):
         run_sweep(path, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
 
+def test_optuna_searcher_draws_its_trials_within_the_space(tmp_path):
+    path = write_space(tmp_path, searcher="optuna", num_samples=2, seed=0, scheduler={"name": "fifo"},
+                       space={"algorithm.lr": {"loguniform": [0.01, 0.2]}})
+    result = run_sweep(path, ["rounds=2"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert [r["status"] for r in result.rows] == ["finished", "finished"]
+    lrs = [r["algorithm.lr"] for r in result.rows]
+    assert all(0.01 <= lr <= 0.2 for lr in lrs) and lrs[0] != lrs[1]
+
+
+def test_optuna_searcher_without_optuna_installed_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    path = write_space(tmp_path, searcher="optuna", space={"algorithm.lr": {"choice": [0.1]}})
+    with pytest.raises(UserError, match=r"searcher: optuna needs the optuna package; install it with "
+                                        r"pip install 'fedplatform\[optuna\]'"):
+        run_sweep(path, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_unknown_sweep_key_is_rejected(tmp_path):
     path = write_space(tmp_path, samples=3)
     with pytest.raises(ConfigError, match="unknown key 'samples'"):
@@ -152,6 +171,42 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
     with pytest.raises(UserError, match="tracking server 'http://127.0.0.1:9' cannot be reached"):
         run_sweep(path, tracking_uri="http://127.0.0.1:9")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("space, overrides, message", [
+    ({"data.imbalance_factor": {"grid": [10, 50]}}, ["data.dataset=cifar10", "data.root=/nonexistent/cifar10"],
+     "no CIFAR-10 data under data.root='/nonexistent/cifar10'"),
+    ({"model.name": {"grid": ["small_cnn", "resnet9"]}}, [], "model.name='resnet9' is not a known model"),
+    ({"algorithm.lr": {"grid": [0.1]}}, ["algorithm.name=clip2fl", "model.name=small_cnn_512",
+                                          "clip.model=ViT-B-32", "clip.pretrained=openai"],
+     "CLIP weights ViT-B-32/openai are not in the local cache"),
+])
+def test_what_a_trial_would_fail_on_is_one_error_before_anything_starts(tmp_path, monkeypatch, space, overrides,
+                                                                        message):
+    monkeypatch.setenv("FEDPLATFORM_OFFLINE", "1")
+    path = write_space(tmp_path, space=space)
+    with pytest.raises(UserError, match=message):
+        run_sweep(path, overrides, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_a_sweep_whose_every_trial_failed_is_a_failure(tmp_path, ray_session):
+    from fedplatform.errors import RunFailed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_space(tmp_path, space={"algorithm.lr": {"grid": [0.1, 0.05]}}, scheduler={"name": "fifo"},
+                       max_failures=0)
+    ray_session["fault_file"].write_text(json.dumps({"round": 1, "client": ROUND1_CLIENT, "action": "raise"}))
+    try:
+        with pytest.raises(RunFailed, match=r"all 2 trials of sweep 'space' failed, the first with ClientError: "
+                                            r"client \d+ failed in round 1\..* RuntimeError: injected failure"):
+            run_sweep(path, tracking_uri=uri)
+    finally:
+        ray_session["fault_file"].unlink(missing_ok=True)
+    client = MlflowClient(uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id],
+                                  filter_string="tags.`fedplatform.kind` = 'sweep'")
+    assert parent.info.status == "FAILED"
 
 
 def test_quickstart_sweep_file_is_valid():
@@ -242,3 +297,39 @@ def test_resume_with_no_interrupted_sweep_is_one_line_exit_2(tmp_path, capsys, m
     root = tmp_path / "runs" / "sweeps"
     assert capsys.readouterr().err == f"error: --resume: no interrupted sweep named 'space' under '{root}'\n"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _fake_run(runs_dir: Path, run_id: str, round: int) -> Path:
+    run = runs_dir / run_id
+    run.mkdir(parents=True)
+    (run / "checkpoint.json").write_text(json.dumps({"round": round, "run_id": run_id}))
+    return run
+
+
+@pytest.mark.parametrize("tune_round, local, expected", [
+    (None, [("a", 2)], ("a", 2, False)),               # Tune lost every checkpoint: the run dir goes on
+    (1, [("a", 3)], ("a", 3, False)),                  # Tune's copy lags the run dir: not overwritten
+    (2, [], ("a", 2, True)),                           # a fresh node: Tune's copy is restored
+    (2, [("a", 1)], ("a", 2, True)),                   # a stale run dir is replaced by Tune's copy
+    (None, [("a", 2), ("b", 1)], ("a", 2, False)),     # an attempt that started over lags behind
+    (None, [], None),                                  # nothing anywhere: start from round 1
+])
+def test_a_restarted_trial_goes_on_from_the_latest_of_tunes_checkpoint_and_its_run_dirs(
+        tmp_path, monkeypatch, tune_round, local, expected):
+    from ray import tune
+
+    from fedplatform.tune import sweep
+
+    runs_dir = tmp_path / "trial"
+    checkpoint = None
+    if tune_round is not None:
+        checkpoint = tune.Checkpoint.from_directory(str(_fake_run(tmp_path / "tune", "a", tune_round)))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: checkpoint)
+    for run_id, round in local:
+        _fake_run(runs_dir, run_id, round)
+    found, tune_has_it = sweep._resume_dir(runs_dir)
+    if expected is None:
+        assert found is None and not tune_has_it
+    else:
+        assert (found.name, sweep._saved_round(found), tune_has_it) == expected
+        assert found.parent == runs_dir

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedplatform.config import ConfigError, ExperimentConfig, apply_override, flatten, parse_overrides, \
     read_yaml, to_yaml, validate
-from fedplatform.errors import UserError
+from fedplatform.errors import RunFailed, UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_STATE = "fedplatform_sweep.json"
@@ -155,6 +155,8 @@ def _spec_error(path: Path, err: dict) -> str:
     if err["type"] == "missing":
         return f"{path}: '{loc}' is required"
     msg = err["msg"].removeprefix("Value error, ")
+    if loc and not isinstance(err.get("input"), (dict, list)):
+        return f"{path}: {loc}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"
     return f"{path}: {loc + ': ' if loc else ''}{msg}"
 
 
@@ -210,14 +212,16 @@ def build_base(spec: SweepSpec, space_path: Path, overrides: list[str]) -> tuple
     return raw, cfg
 
 
-def check_space(spec: SweepSpec, raw: dict, space_path: Path) -> None:
-    """Every space key must be a config key, and every value it can take must be a valid value."""
+def check_space(spec: SweepSpec, raw: dict, space_path: Path) -> list[ExperimentConfig]:
+    """Every space key must be a config key, and every value it can take must be a valid value.
+    Returns the validated configs (each value on the base; each combination of discrete values)."""
+    checked = []
     for key, dist in spec.space.items():
         for value in dist.samples():
             trial = copy.deepcopy(raw)
             try:
                 apply_override(trial, key, value)
-                validate(trial)
+                checked.append(validate(trial))
             except ConfigError as exc:
                 raise ConfigError(f"{space_path}: space key '{key}' (value {value!r}): {exc}") from None
     discrete = {k: d.samples() for k, d in spec.space.items() if d.kind in ("grid", "choice")}
@@ -228,12 +232,33 @@ def check_space(spec: SweepSpec, raw: dict, space_path: Path) -> None:
             for key, value in zip(discrete, values):
                 apply_override(trial, key, value)
             try:
-                validate(trial)
+                checked.append(validate(trial))
             except ConfigError as exc:
                 shown = ", ".join(f"{k}={v!r}" for k, v in zip(discrete, values))
                 raise ConfigError(f"{space_path}: the combination {shown} is invalid: {exc}") from None
     if spec.scheduler.name == "asha" and validate(copy.deepcopy(raw)).runtime.eval_every != 1:
         raise ConfigError(f"{space_path}: scheduler asha compares trials every round; set runtime.eval_every=1")
+    return checked
+
+
+def check_trial_inputs(configs: list[ExperimentConfig], space_path: Path) -> None:
+    """What a trial would only find out on its worker, checked once here: the data are where
+    data.root says, and the algorithm's own checks (a known student, loadable CLIP weights)."""
+    from fedplatform.algorithms import get_algorithm
+    from fedplatform.data.sources import open_source
+
+    seen = set()
+    for cfg in configs:
+        checks = {("data", cfg.data.model_dump_json()): (open_source, cfg.data),
+                  ("algorithm", cfg.algorithm.name, cfg.model.name, cfg.clip.model, cfg.clip.pretrained):
+                      (get_algorithm(cfg.algorithm.name).check, cfg)}
+        for key, (check, arg) in checks.items():
+            if key not in seen:
+                seen.add(key)
+                try:
+                    check(arg)
+                except UserError as exc:
+                    raise UserError(f"{space_path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- resources
@@ -295,14 +320,32 @@ def _trial_name(config: dict, keys: list[str]) -> str:
                     else f"{k.rsplit('.', 1)[-1]}={config[k]}" for k in keys)
 
 
-def _restore_run_dir(checkpoint_dir: str, runs_dir: str) -> str:
-    """Copy Tune's checkpoint (a run directory) back into the trial's runs_dir and return it."""
-    run_id = json.loads((Path(checkpoint_dir) / "checkpoint.json").read_text())["run_id"]
-    target = Path(runs_dir) / run_id
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(checkpoint_dir, target)
-    return str(target)
+def _saved_round(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "checkpoint.json").read_text())["round"])
+
+
+def _resume_dir(runs_dir: Path) -> tuple[Path | None, bool]:
+    """Where a (re)started trial goes on from, and whether Tune has seen that round: the latest of
+    Tune's checkpoint (copied into `runs_dir`) and the run directories an earlier attempt left in
+    `runs_dir` on this node. Tune's copy can lag the run directory (it is taken at report time and
+    an interrupt can lose the last reports), or be missing altogether; the run directory then
+    still holds the rounds it checkpointed, in the same MLflow run."""
+    from ray import tune
+
+    tuned, tuned_round = None, -1
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tuned_round = _saved_round(Path(d))
+            tuned = runs_dir / json.loads((Path(d) / "checkpoint.json").read_text())["run_id"]
+            if not (tuned / "checkpoint.json").is_file() or _saved_round(tuned) < tuned_round:
+                shutil.rmtree(tuned, ignore_errors=True)
+                shutil.copytree(d, tuned)
+    local = [p.parent for p in runs_dir.glob("*/checkpoint.json")]
+    if not local:
+        return None, False
+    best = max(local, key=lambda p: (_saved_round(p), p == tuned, p.stat().st_mtime))
+    return best, best == tuned and _saved_round(best) == tuned_round
 
 
 def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, parent_run_id: str,
@@ -311,6 +354,7 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     from ray import tune
 
     from fedplatform.experiment import run_experiment
+    from fedplatform.runtime.checkpoint import load
 
     trial_id = tune.get_context().get_trial_id()
     raw = copy.deepcopy(base)
@@ -320,33 +364,30 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     apply_override(raw, "runtime.runs_dir", str(runs_dir))
     apply_override(raw, "tracking.run_name", f"{sweep} {trial_id} {_trial_name(config, keys)}".strip())
     cfg = validate(raw)
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = _restore_run_dir(d, str(runs_dir))
-        if json.loads((Path(resume) / "checkpoint.json").read_text())["round"] >= cfg.rounds:
-            # Finished, and its last round reported, before the sweep stopped; Tune had not yet seen
-            # it end. Returning ends it on that report (reporting again would count a round twice).
-            return
 
-    def report(row: dict) -> None:
-        run_dir = next(p.parent for p in runs_dir.glob("*/checkpoint.json"))
-        saved = json.loads((run_dir / "checkpoint.json").read_text())["round"]
+    def report(row: dict, run_dir: Path) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["mlflow_run_id"] = run_dir.name
-        ckpt = tune.Checkpoint.from_directory(str(run_dir)) if saved == row["round"] else None
+        ckpt = tune.Checkpoint.from_directory(str(run_dir)) if _saved_round(run_dir) == row["round"] else None
         tune.report(metrics, checkpoint=ckpt)
 
-    def on_round(row: dict) -> None:
+    resume, tune_has_it = _resume_dir(runs_dir)
+    if resume is not None and _saved_round(resume) >= cfg.rounds:
+        # It finished before the sweep stopped. Tune saw that (reporting again would count a
+        # round twice) or not (its last report is due now).
+        if not tune_has_it:
+            report(load(resume)[0].history[-1], resume)
+        return
+
+    def on_round(row: dict, run_dir: Path) -> None:
         # The last round is reported after run_experiment returns: a scheduler that stops the trial
         # on that report (ASHA at max_t) must not cut off the final artifacts and the FINISHED status.
         if row["round"] < cfg.rounds:
-            report(row)
+            report(row, run_dir)
 
-    result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
-                            on_round=on_round, progress=False)
-    report(result.history[-1])
+    result = run_experiment(cfg, tracking_uri=tracking_uri, resume=str(resume) if resume else None,
+                            parent_run_id=parent_run_id, on_round=on_round, progress=False)
+    report(result.history[-1], result.run_dir)
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -368,9 +409,15 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
 
     space_path = Path(space_path)
     spec = load_spec(space_path)
+    if spec.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise UserError(f"{space_path}: searcher: optuna needs the optuna package; install it with "
+                            "pip install 'fedplatform[optuna]', or use searcher: basic") from None
     name = spec.name or space_path.stem
     base, cfg = build_base(spec, space_path, list(overrides))
-    check_space(spec, base, space_path)
+    check_trial_inputs([cfg, *check_space(spec, base, space_path)], space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     root = Path(cfg.runtime.runs_dir) / "sweeps"
     if resume:  # nothing to resume: one clear error before anything starts
@@ -441,11 +488,23 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         if interrupted:
             raise KeyboardInterrupt
         result = _summarize(grid, spec, keys, cfg, name, parent_run_id, sweep_dir, tracker)
+        failed = [res.error for res in grid if res.error]
+        if failed and len(failed) == len(grid):
+            raise RunFailed(f"all {len(grid)} trials of sweep '{name}' failed, the first with "
+                            f"{_error_line(failed[0])} (trial logs under {sweep_dir / 'tune'})")
     except BaseException as exc:
         tracker.finish(exc)
         raise
     tracker.finish()
     return result
+
+
+def _error_line(error: BaseException) -> str:
+    """The trial's own exception from Tune's wrapper: 'Type: first line of its message', and its
+    last line when there are more (the end of a traceback it carries)."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()] or [""]
+    return f"{type(cause).__name__}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else "")
 
 
 def _child_runs(client, parent_run_id: str) -> list:
@@ -468,7 +527,7 @@ def _tune_config(spec: SweepSpec, cfg: ExperimentConfig, concurrency: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.rounds,
+        scheduler = ASHAScheduler(time_attr="round", max_t=cfg.rounds,
                                   grace_period=min(spec.scheduler.grace_period, cfg.rounds),
                                   reduction_factor=spec.scheduler.reduction_factor)
     else:
@@ -496,7 +555,7 @@ def _summarize(grid, spec: SweepSpec, keys: list[str], cfg: ExperimentConfig, na
     rows = []
     for res in grid:
         m = res.metrics or {}
-        rounds_run = int(m.get("training_iteration", 0) or 0)
+        rounds_run = int(m.get("round", 0) or 0)
         algorithm = res.config.get("algorithm.name", cfg.algorithm.name)
         max_rounds = int(res.config.get("rounds", cfg.rounds))
         status = "error" if res.error else ("stopped early" if rounds_run < max_rounds else "finished")
