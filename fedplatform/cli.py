@@ -209,7 +209,8 @@ def _print_summary(cfg, result, tracking_uri: str | None) -> None:
     from fedplatform.tracking.mlflow_run import resolve_uri
 
     console = _console()
-    table = Table(title=f"{cfg.name}: {cfg.algorithm.name} on {cfg.data.dataset}, {result.summary.get('rounds')} rounds")
+    console.print(f"{cfg.name}: {cfg.algorithm.name} on {cfg.data.dataset}, {result.summary.get('rounds')} rounds")
+    table = Table()  # a title would wrap to the table's narrow width
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():

@@ -347,7 +347,8 @@ def _error_line(err: dict) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = sorted(section.model_fields) if section else _allowed_keys(loc)
-        return f"unknown key '{loc}'; allowed keys here: {', '.join(allowed)}"
+        here = f"for algorithm.name={parts[1]}" if section else "here"
+        return f"unknown key '{loc}'; allowed keys {here}: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         return f"algorithm.name={value.get('name')!r} is not a known algorithm; choose one of {', '.join(ALGORITHM_NAMES)}"
     if kind == "value_error":

@@ -23,6 +23,12 @@ def test_unknown_key_names_it_and_the_allowed_keys(tmp_path):
     assert msg.startswith("unknown key 'data.imbalance'") and "imbalance_factor" in msg
 
 
+def test_a_key_of_another_algorithm_names_the_algorithm_whose_keys_are_listed(tmp_path):
+    msg = error_of(tmp_path, "algorithm:\n  name: fedavg\n  augmentation: none\n", ["algorithm.name=fedclip"])
+    assert msg.startswith("unknown key 'algorithm.augmentation'; allowed keys for algorithm.name=fedclip: ")
+    assert "use_feature_cache" in msg
+
+
 def test_imbalance_factor_below_one(tmp_path):
     assert "data.imbalance_factor=0.5" in error_of(tmp_path, overrides=["data.imbalance_factor=0.5"])
 
