@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,15 @@ def test_bf16_local_training_is_reproducible_close_to_fp32_and_keeps_fp32_state(
     moved, gap = distance(fp32.tensors, payload), distance(bf16.tensors, fp32.tensors)
     assert 0 < gap < 0.1 * moved  # bf16 rounding changes the update, slightly
     assert abs(bf16.metrics["train_loss"] - fp32.metrics["train_loss"]) < 0.05 * fp32.metrics["train_loss"]
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_one_clear_error(digits, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    algo = make_algorithm(digits, precision="bf16")
+    ctx = dataclasses.replace(algo.ctx, device=torch.device("cuda", 0))
+    with pytest.raises(UserError, match="precision=bf16 needs a GPU with bfloat16 support .*Tesla V100 has none"):
+        FedAvg(ctx)
 
 
 def test_unknown_precision_is_rejected_naming_the_choices():

@@ -23,6 +23,7 @@ from fedplatform.algorithms.base import (
 )
 from fedplatform.algorithms.images import StudentImages, check_augmentation, input_shape, student_images
 from fedplatform.config import LocalTraining
+from fedplatform.errors import UserError
 from fedplatform.models.backbones import check_model_name, create_model
 
 LocalLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,6 +96,9 @@ class FedAvg(Algorithm):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._model: nn.Module | None = None
+        if self.cfg.precision == "bf16" and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"algorithm.precision=bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                            f"{torch.cuda.get_device_name(ctx.device)} has none: use precision fp32")
 
     @classmethod
     def check(cls, cfg) -> None:
