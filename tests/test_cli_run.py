@@ -53,17 +53,13 @@ def test_ctrl_c_prints_the_exact_resume_command_and_it_continues_the_same_run(tm
 
     from mlflow.tracking import MlflowClient
 
-    from fedplatform.config import load_config
-    from fedplatform.data import prepare
+    from quickstart_helpers import first_client
+
     from fedplatform.runtime.actors import FAULT_ENV
-    from fedplatform.runtime.checkpoint import ClientSampler
 
     pipeline = str(ROOT / "pipelines/quickstart.yaml")
-    cfg = load_config(pipeline, ["rounds=4"])
-    sampler = ClientSampler(cfg.seed, prepare(cfg).client_ids, cfg.clients_per_round)
-    sampler.sample()
     fault = tmp_path / "fault.json"  # round 2 hangs until the interrupt
-    fault.write_text(json.dumps({"round": 2, "client": int(sampler.sample()[0]), "action": "hang", "seconds": 600}))
+    fault.write_text(json.dumps({"round": 2, "client": first_client(2), "action": "hang", "seconds": 600}))
     proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "run", pipeline, "--set", "rounds=4"],
                             cwd=tmp_path, env=dict(os.environ, **{FAULT_ENV: str(fault)}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

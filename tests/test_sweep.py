@@ -15,6 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from quickstart_helpers import QUICKSTART, first_client
+
 from fedplatform.cli import main
 from fedplatform.config import ConfigError
 from fedplatform.errors import UserError
@@ -22,7 +24,6 @@ from fedplatform.tune import run_sweep
 from fedplatform.tune.sweep import _child_runs
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
@@ -56,18 +57,6 @@ def sweep(tmp_path_factory, ray_session):
     finally:
         ray_session["fault_file"].unlink(missing_ok=True)
     return result, MlflowClient(uri), marker
-
-
-def first_client(round: int) -> int:
-    from fedplatform.config import load_config
-    from fedplatform.data import prepare
-    from fedplatform.runtime.checkpoint import ClientSampler
-
-    cfg = load_config(QUICKSTART, ["rounds=3"])
-    sampler = ClientSampler(cfg.seed, prepare(cfg).client_ids, cfg.clients_per_round)
-    for _ in range(round):
-        first = sampler.sample()[0]
-    return int(first)
 
 
 CLIENT, ROUND1_CLIENT = first_client(2), first_client(1)
