@@ -52,7 +52,7 @@ def local_sgd(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     for _ in range(train.local_epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(labels.device)
+        order = torch.randperm(n, generator=generator, device=generator.device).to(device)
         for start in range(0, n, train.batch_size):
             index = order[start : start + train.batch_size]
             x = images.train(index, train.augmentation, generator)
