@@ -258,8 +258,7 @@ def add_ui(sub) -> None:
 
 
 def cmd_ui(args) -> int:
-    from fedplatform.tracking.mlflow_run import resolve_uri
-    from fedplatform.tune.sweep import absolute_uri
+    from fedplatform.tracking.mlflow_run import absolute_uri, resolve_uri
 
     uri = absolute_uri(resolve_uri(args.tracking_uri, None))
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)

@@ -199,7 +199,7 @@ def test_a_sweep_whose_every_trial_failed_is_a_failure(tmp_path, ray_session):
 
 
 def test_quickstart_sweep_file_is_valid():
-    from fedplatform.tune.sweep import build_base, check_space, load_spec
+    from fedplatform.tune.space import build_base, check_space, load_spec
 
     path = REPO / "tune_spaces" / "quickstart_sweep.yaml"
     spec = load_spec(path)
@@ -209,7 +209,7 @@ def test_quickstart_sweep_file_is_valid():
 
 @pytest.mark.parametrize("space", sorted((REPO / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_space_validates_against_its_pipeline(space):
-    from fedplatform.tune.sweep import build_base, check_space, load_spec
+    from fedplatform.tune.space import build_base, check_space, load_spec
 
     spec = load_spec(space)
     raw, _ = build_base(spec, space, [])
@@ -307,7 +307,7 @@ def test_a_restarted_trial_goes_on_from_the_latest_of_tunes_checkpoint_and_its_r
         tmp_path, monkeypatch, tune_round, local, expected):
     from ray import tune
 
-    from fedplatform.tune import sweep
+    from fedplatform.tune import trial
 
     runs_dir = tmp_path / "trial"
     checkpoint = None
@@ -316,9 +316,9 @@ def test_a_restarted_trial_goes_on_from_the_latest_of_tunes_checkpoint_and_its_r
     monkeypatch.setattr(tune, "get_checkpoint", lambda: checkpoint)
     for run_id, round in local:
         _fake_run(runs_dir, run_id, round)
-    found, tune_has_it = sweep._resume_dir(runs_dir)
+    found, tune_has_it = trial._resume_dir(runs_dir)
     if expected is None:
         assert found is None and not tune_has_it
     else:
-        assert (found.name, sweep._saved_round(found), tune_has_it) == expected
+        assert (found.name, trial._saved_round(found), tune_has_it) == expected
         assert found.parent == runs_dir

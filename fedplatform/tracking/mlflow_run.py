@@ -25,6 +25,16 @@ def resolve_uri(explicit: str | None, configured: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db: trial workers run in other directories."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("file:") or "://" not in uri:
+        local = uri.removeprefix("file://").removeprefix("file:")
+        return "file://" + str(Path(local).resolve())
+    return uri
+
+
 def _check_reachable(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         parent = Path(uri.removeprefix("sqlite:///")).resolve().parent
