@@ -29,7 +29,7 @@ def config(tmp: Path, work_s: float, actors: int, rounds: int, gpus: float) -> d
         "algorithm": {"name": "synthetic", "work_s": work_s},
         "rounds": rounds,
         "clients_per_round": 8,
-        "runtime": {"num_client_actors": actors, "runs_dir": str(tmp / "runs"), "eval_every": rounds,
+        "runtime": {"num_client_actors": actors, "storage": str(tmp / "runs"), "eval_every": rounds,
                     "checkpoint_every": 10**6,
                     "client_resources": {"num_cpus": 1, "num_gpus": gpus},
                     "server_resources": {"num_cpus": 0}},

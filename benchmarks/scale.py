@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 "model": {"name": "resnet8"},
                 "algorithm": {"name": "synthetic", "work_s": 0.01},
                 "rounds": args.rounds, "clients_per_round": 10,
-                "runtime": {"num_client_actors": 2, "runs_dir": str(tmp / "runs"), "eval_every": 10**6,
+                "runtime": {"num_client_actors": 2, "storage": str(tmp / "runs"), "eval_every": 10**6,
                             "checkpoint_every": 10**6, "server_resources": {"num_cpus": 0}},
                 "tracking": {"experiment": "benchmark-scale"},
             })

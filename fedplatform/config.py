@@ -246,8 +246,10 @@ class RuntimeConfig(Section):
     round_timeout_s: float = Field(3600.0, gt=0.0)
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)
-    runs_dir: str = "fedplatform_runs"
-    """Run directories (checkpoints) are created under this path."""
+    storage: str = "fedplatform_runs"
+    """Where run checkpoints and sweep state go: a local or NFS path, or a URI pyarrow.fs resolves
+    (s3://bucket/prefix). On a multi-node cluster use shared storage, so any node and a new head
+    can resume."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

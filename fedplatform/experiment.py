@@ -47,7 +47,7 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[Path, Checkpoint, dict]:
-    run_dir = ckpt_io.find_run_dir(cfg.runtime.runs_dir, resume)
+    run_dir = ckpt_io.find_run_dir(cfg.runtime.storage, resume)
     ckpt, state = ckpt_io.load(run_dir)
     changed = [k for k in ckpt_io.config_differences(ckpt.config, cfg.model_dump(mode="json"))
                if not k.startswith(RESUMABLE_CHANGES)]
@@ -94,7 +94,7 @@ def run_experiment(
     else:
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
                       flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
-        run_dir, start_round = Path(cfg.runtime.runs_dir) / tracker.run_id, 1
+        run_dir, start_round = Path(cfg.runtime.storage) / tracker.run_id, 1
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)

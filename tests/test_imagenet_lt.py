@@ -51,7 +51,7 @@ def config(tree: Path, tmp_path: Path, *extra: str):
         f"data.root={tree}", "model.input_size=32", "clip.model=fedplatform-tiny", "clip.pretrained=null",
         "partition.scheme=dirichlet", "partition.num_clients=2", "partition.min_client_size=3", "clients_per_round=2", "rounds=2", "algorithm.local_epochs=1",
         "algorithm.num_features_per_class=4", "algorithm.match_epoch=2", "algorithm.crt_epoch=2",
-        f"runtime.runs_dir={tmp_path / 'runs'}", "runtime.num_client_actors=1", *extra])
+        f"runtime.storage={tmp_path / 'runs'}", "runtime.num_client_actors=1", *extra])
 
 
 def context(cfg, ds) -> Context:

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
         "model": {"name": "small_cnn"},
         "algorithm": {"name": "fedavg", "local_epochs": 1, "lr": 0.05, "augmentation": "none"},
         "rounds": 2, "clients_per_round": 3,
-        "runtime": {"num_client_actors": 3, "runs_dir": tmp + "/runs"},
+        "runtime": {"num_client_actors": 3, "storage": tmp + "/runs"},
         "tracking": {"experiment": "multinode"},
     })
     uri = "sqlite:///" + tmp + "/mlflow.db"

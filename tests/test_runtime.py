@@ -25,7 +25,7 @@ def make_cfg(tmp, **over):
         "model": {"name": "small_cnn"},
         "algorithm": {"name": "fedavg", "local_epochs": 1, "lr": 0.05, "batch_size": 32, "augmentation": "none"},
         "rounds": 3, "clients_per_round": 5,
-        "runtime": {"num_client_actors": 1, "runs_dir": str(tmp / "runs")},
+        "runtime": {"num_client_actors": 1, "storage": str(tmp / "runs")},
         "tracking": {"experiment": "tests"},
     }
     for key, value in over.items():

@@ -31,7 +31,7 @@ def write_space(tmp: Path, **over) -> Path:
     spec = {
         "base": str(QUICKSTART),
         "set": {"rounds": 3, "algorithm.local_epochs": 1, "runtime.num_client_actors": 1,
-                "runtime.max_client_retries": 0, "runtime.runs_dir": str(tmp / "runs"),
+                "runtime.max_client_retries": 0, "runtime.storage": str(tmp / "runs"),
                 "tracking.experiment": "sweeps"},
         # good learning rates first: with 2 trials at a time, the slow ones meet a filled ASHA rung
         "space": {"algorithm.lr": {"grid": [0.1, 0.05, 0.002, 0.001]}},

@@ -18,7 +18,7 @@ from fedplatform.errors import UserError
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Pipeline paths interpreted relative to the working directory by `fedplatform run`; trials run
 # in Tune's trial directories (possibly on other nodes), so they get absolute paths.
-PATH_KEYS = ("data.root", "data.cache_dir", "runtime.runs_dir")
+PATH_KEYS = ("data.root", "data.cache_dir", "runtime.storage")
 
 
 class _Spec(BaseModel):
@@ -150,7 +150,7 @@ def _absolute_paths(raw: dict) -> None:
     flat = flatten(raw)
     for key in PATH_KEYS:
         value = flat.get(key)
-        if key == "runtime.runs_dir" and value is None:
+        if key == "runtime.storage" and value is None:
             value = "fedplatform_runs"
         if isinstance(value, str) and not value.startswith(("s3://", "gs://")):
             apply_override(raw, key, str(Path(value).expanduser().resolve()))

@@ -55,7 +55,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     base, cfg = build_base(spec, space_path, list(overrides))
     check_trial_inputs([cfg, *check_space(spec, base, space_path)], space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
-    root = Path(cfg.runtime.runs_dir) / "sweeps"
+    root = Path(cfg.runtime.storage) / "sweeps"
     if resume:  # nothing to resume: one clear error before anything starts
         previous = _sweep_dirs(root, name)
         if not previous or not tune.Tuner.can_restore(str(previous[-1] / "tune")):

@@ -55,8 +55,8 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     raw = copy.deepcopy(base)
     for key in keys:
         apply_override(raw, key, config[key])
-    runs_dir = Path(flatten(raw)["runtime.runs_dir"]) / trial_id
-    apply_override(raw, "runtime.runs_dir", str(runs_dir))
+    runs_dir = Path(flatten(raw)["runtime.storage"]) / trial_id
+    apply_override(raw, "runtime.storage", str(runs_dir))
     apply_override(raw, "tracking.run_name", f"{sweep} {trial_id} {_trial_name(config, keys)}".strip())
     cfg = validate(raw)
 
