@@ -244,6 +244,9 @@ class RuntimeConfig(Section):
     max_client_retries: int = Field(2, ge=0)
     """Times a client is re-run on a fresh actor after its actor died."""
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    wait_for_resources_s: float = Field(600.0, ge=0.0)
+    """On an autoscaling cluster: how long to wait for the autoscaler to add the nodes a run or a
+    sweep's first trial needs (0 = fail at once). A fixed cluster never waits."""
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     storage: str = "fedplatform_runs"

@@ -7,6 +7,7 @@ leaves a half-made run behind.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,12 @@ class RunResult:
 
 
 def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address`, else to $RAY_ADDRESS (set by `ray job submit`, or `auto` on a cluster
+    head), else start a local Ray of our own: never latch onto whichever cluster was last started
+    on this machine, as a bare `ray.init()` would."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     except ConnectionError as exc:
@@ -79,9 +84,9 @@ def run_experiment(
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
     ds = prepare(cfg)
-    prepared = algorithm.prepare(cfg, ds)
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
-    ensure_ray(ray_address)
+    ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
+    prepared = algorithm.prepare(cfg, ds)
     engine = Engine(cfg, PreparedData.serve(ds.path, prepared), cfg.runtime.num_client_actors,
                     server_state=resumed[2] if resumed else None)
     sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)

@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
     ray.shutdown()
     cluster.shutdown()
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     single = run_experiment(cfg, tracking_uri=uri, progress=False)
     out["single"] = {"digest": digest(single), "acc": [h["accuracy"] for h in single.history]}
     ray.shutdown()

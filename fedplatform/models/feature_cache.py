@@ -223,8 +223,9 @@ def _encode_on_ray(cfg, dataset, ids, batch_size, precision, num_workers) -> np.
     import ray
     from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    from fedplatform.experiment import ensure_ray
+
+    ensure_ray()
     chunk = batch_size * 4
     starts = list(range(0, len(ids), chunk))
     n, cpus, gpus = _pool_shape(len(starts), num_workers)

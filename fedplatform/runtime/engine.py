@@ -20,7 +20,8 @@ from fedplatform.config import ExperimentConfig
 from fedplatform.errors import RunFailed, UserError
 from fedplatform.runtime.actors import ClientActor, ServerActor
 from fedplatform.runtime.replicate import PreparedData
-from fedplatform.runtime.resources import check_server_fits, client_pool_size
+from fedplatform.runtime.resources import Cluster, bundle, check_fits_a_node, client_pool_size, release_request, \
+    wait_for_resources
 
 ACTOR_START_TIMEOUT_S = 300.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -123,19 +124,31 @@ class Engine:
         rt = cfg.runtime
         args = (cfg.model_dump(mode="json"), data)
         self.cfg = cfg
-        check_server_fits(rt.server_resources)
+        requested = False
+        if ray.util.get_current_placement_group() is not None:  # a Tune trial: its group is reserved
+            n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round)
+        else:
+            cluster = Cluster.observe()
+            check_fits_a_node(rt.server_resources, "runtime.server_resources", cluster)
+            check_fits_a_node(rt.client_resources, "runtime.client_resources", cluster)
+            n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round, cluster)
+            requested = wait_for_resources([bundle(rt.server_resources)] + [bundle(rt.client_resources)] * n, cluster,
+                               rt.wait_for_resources_s, f"the server and {n} client actor{'s' * (n > 1)}")
+        # Server and client actors start together; the pool waits for its own, then the server.
         self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
                                           num_gpus=rt.server_resources.num_gpus,
                                           **_server_bundle()).remote(
             *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
         try:
-            _Pool.wait_ready([self.server])
-            n = client_pool_size(num_actors, rt.client_resources, cfg.clients_per_round)
             self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                               rt.client_resources)
+            _Pool.wait_ready([self.server])
         except BaseException:
             ray.kill(self.server, no_restart=True)
             raise
+        finally:
+            if requested:
+                release_request()
 
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
         cfg, start = self.cfg, time.perf_counter()

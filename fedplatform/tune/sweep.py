@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yaml, validate
 from fedplatform.errors import RunFailed, UserError
+from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
 from fedplatform.tune.resources import check_trial_fits, concurrent_trials, placement_group_factory, trial_bundles
 from fedplatform.tune.space import SweepSpec, build_base, check_space, check_trial_inputs, load_spec
 from fedplatform.tune.summary import SweepResult, summarize
@@ -37,7 +38,6 @@ def _sweep_dirs(root: Path, name: str) -> list[Path]:
 def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: str | None = None,
               resume: bool = False, verbose: int = 0) -> SweepResult:
     """Validate everything, then run the sweep; returns one row per trial (also logged to MLflow)."""
-    import ray
     from ray import tune
 
     from fedplatform.experiment import ensure_ray
@@ -65,11 +65,15 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                             "run it without --resume to start a new one")
     tracker = Tracker(uri)  # unreachable store: one clear error before anything starts
     ensure_ray()
-    cluster = ray.cluster_resources()
+    cluster = Cluster.observe()
     bundles = trial_bundles(cfg, cluster)
-    check_trial_fits(bundles, cluster)
+    check_trial_fits(cfg, bundles, cluster)
     concurrency = (concurrent_trials(bundles, cluster) if spec.max_concurrent_trials == "auto"
                    else spec.max_concurrent_trials)
+    # An autoscaling cluster adds nodes for the first trial now (or says clearly that it cannot);
+    # Tune's pending placement groups ask for the rest.
+    if wait_for_resources(bundles, cluster, cfg.runtime.wait_for_resources_s, "one trial"):
+        release_request()
 
     if resume:
         sweep_dir = previous[-1]
