@@ -14,7 +14,8 @@ Layout: `<dataset cache dir>/clip-features/<dataset>-<model>-<key[:16]>/`
 The key is a sha256 over that recipe, so a cache is shared by every run and sweep trial on the
 same data and weights. A cache is written into a temporary directory and renamed into place; a
 partial or corrupted one (missing meta, wrong size or checksum) is removed and rebuilt.
-Built in parallel by a pool of Ray actors (GPU fractions when the cluster has GPUs).
+Built in parallel by a pool of Ray actors (GPU fractions when the cluster has GPUs), which read the
+store through the same fetch path as client actors (runtime/replicate.py): once per node.
 """
 from __future__ import annotations
 
@@ -223,14 +224,18 @@ def _encode_on_ray(cfg, dataset, ids, batch_size, precision, num_workers) -> np.
     import ray
     from ray.util import ActorPool
 
+    from fedplatform.runtime.replicate import PreparedData, publish_location
+
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="WARNING")
+    # Encoders read the store through the actors' fetch path: a node without it fetches it once.
+    data = PreparedData.serve(dataset.path, publish_to=publish_location(cfg))
     chunk = batch_size * 4
     starts = list(range(0, len(ids), chunk))
     n, cpus, gpus = _pool_shape(len(starts), num_workers)
     log.info("encoding %d images with %d CLIP actor(s) (%g CPU, %g GPU each)", len(ids), n, cpus, gpus)
     actors = [_Encoder.options(num_cpus=cpus, num_gpus=gpus).remote(
-        cfg.clip.model, cfg.clip.pretrained, str(dataset.path), int(cpus), gpus > 0, precision, batch_size)
+        cfg.clip.model, cfg.clip.pretrained, data, int(cpus), gpus > 0, precision, batch_size)
         for _ in range(n)]
     try:
         pool = ActorPool(actors)
@@ -246,13 +251,11 @@ def _make_encoder():
 
     @ray.remote
     class Encoder:
-        def __init__(self, model, pretrained, store_path, threads, use_gpu, precision, batch_size):
-            from fedplatform.data.store import open_store
-
+        def __init__(self, model, pretrained, data, threads, use_gpu, precision, batch_size):
             torch.set_num_threads(max(1, threads))
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
             self.clip, self.preprocess, _, _ = create_clip(model, pretrained, device, precision)
-            self.ds = open_store(store_path, verify=False)
+            self.ds = data.open_here()  # fetched first on a node that lacks it
             self.batch_size = batch_size
 
         def encode(self, start: int, ids: np.ndarray) -> tuple[int, np.ndarray]:
