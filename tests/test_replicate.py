@@ -207,7 +207,7 @@ def test_published_once_then_fetched_from_storage_once_per_node(store, tmp_path,
     stamp = (published / "meta.json").stat().st_mtime_ns
     assert publish(store.path, str(published)) is False  # same META there: not uploaded again
     assert (published / "meta.json").stat().st_mtime_ns == stamp
-    # a node that does not see the driver's cache root fetches into its own
+    # here the driver's node no longer has it complete at its path: fetched into its cache root
     driver_copy = tmp_path / "moved"
     shutil.move(store.path, driver_copy)
     monkeypatch.setenv("FEDPLATFORM_CACHE", str(tmp_path / "node"))

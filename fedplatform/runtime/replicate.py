@@ -2,10 +2,10 @@
 fetched once per node.
 
 The driver prepares them under its cache root and names each by its path relative to that root
-(a directory elsewhere keeps its absolute path). On a node, a directory is read in place when it is
-complete at the driver's path (the driver's machine, or shared storage such as EFS mounted there);
-otherwise it is fetched into the node's own cache root ($FEDPLATFORM_CACHE, default
-~/.cache/fedplatform) under the same relative name, where later runs find it.
+(a directory elsewhere keeps its absolute path). The driver's node reads them in place; any other
+node reads them under its own cache root ($FEDPLATFORM_CACHE, default ~/.cache/fedplatform) at the
+same relative name: in place when complete there (shared storage such as EFS mounted at
+$FEDPLATFORM_CACHE, or a copy an earlier run left), otherwise fetched there first.
 
 One process per node fetches a directory: it holds an flock on a lock file beside the destination,
 and the node's other actors wait for it and then read the complete copy. The source is the shared
@@ -250,6 +250,7 @@ class PreparedData:
     shared storage (`published`) or the driver's FileServer."""
 
     root: str
+    node: str
     store: str
     directories: tuple[str, ...]
     server: Any = None
@@ -262,11 +263,12 @@ class PreparedData:
         root = Path(store).resolve().parent
         paths = list(dict.fromkeys(Path(d).resolve() for d in (store, *others)))
         names = tuple(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
+        node = ray.get_runtime_context().get_node_id()
         if publish_to is not None:
             for path, name in zip(paths, names):
                 publish(path, cls._published_at(publish_to, name))
-            return cls(str(root), names[0], names, published=str(publish_to))
-        return cls(str(root), names[0], names, server=start_file_server([str(p) for p in paths]))
+            return cls(str(root), node, names[0], names, published=str(publish_to))
+        return cls(str(root), node, names[0], names, server=start_file_server([str(p) for p in paths]))
 
     @staticmethod
     def _published_at(location: str, name: str) -> str:
@@ -276,10 +278,11 @@ class PreparedData:
         return Path(self.root) / name  # an absolute name stays itself
 
     def path_here(self, name: str) -> Path:
-        """Where `name` is read on this node: in place when complete at the driver's path, else
-        under this node's cache root (an absolute name: at that path)."""
+        """Where `name` is read on this node: the driver's path on the driver's node (while complete
+        there) or for an absolute name, else the same name under this node's cache root."""
         driver = self._driver_path(name)
-        if Path(name).is_absolute() or (driver / META).is_file():
+        if Path(name).is_absolute() or (ray.get_runtime_context().get_node_id() == self.node
+                                        and (driver / META).is_file()):
             return driver
         return node_cache_root() / name
 
