@@ -21,7 +21,7 @@ from fedplatform.errors import RunInterrupted, UserError
 from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
 from fedplatform.runtime.engine import Engine, summarize
-from fedplatform.runtime.replicate import PreparedData
+from fedplatform.runtime.replicate import PreparedData, publish_location
 from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def run_experiment(
     tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
     prepared = algorithm.prepare(cfg, ds)
-    engine = Engine(cfg, PreparedData.serve(ds.path, prepared), cfg.runtime.num_client_actors,
+    engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)), cfg.runtime.num_client_actors,
                     server_state=resumed[2] if resumed else None)
     sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
     history: list[dict] = []

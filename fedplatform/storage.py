@@ -79,6 +79,14 @@ def write_bytes(location: str, data: bytes) -> None:
         f.write(data)
 
 
+def upload(local_file: str, location: str) -> None:
+    """Copy one local file to `location`, streamed in 8 MiB blocks (multipart on object stores)."""
+    fs, path = resolve(location)
+    fs.create_dir(posixpath.dirname(path) if is_uri(location) else os.path.dirname(path), recursive=True)
+    pafs.copy_files(os.path.abspath(local_file), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs, chunk_size=8 << 20)
+
+
 def list_dir(location: str) -> list[str]:
     """Names of the entries directly under `location` (empty when it does not exist)."""
     fs, path = resolve(location)

@@ -14,7 +14,8 @@ Layout: `<dataset cache dir>/clip-features/<dataset>-<model>-<key[:16]>/`
 The key is a sha256 over that recipe, so a cache is shared by every run and sweep trial on the
 same data and weights. A cache is written into a temporary directory and renamed into place; a
 partial or corrupted one (missing meta, wrong size or checksum) is removed and rebuilt.
-Built in parallel by a pool of Ray actors (GPU fractions when the cluster has GPUs).
+Built in parallel by a pool of Ray actors (GPU fractions when the cluster has GPUs), which read the
+store through the same fetch path as client actors (runtime/replicate.py): once per node.
 """
 from __future__ import annotations
 
@@ -204,19 +205,27 @@ def _write(path: Path, feats: np.ndarray, recipe: dict, key: str) -> None:
 # ---------------------------------------------------------------------------- Ray pool
 
 
-def _pool_shape(n_chunks: int, num_workers: int | None) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each) from the resources Ray has free now."""
-    import ray
+def _pool_shape(n_chunks: int, num_workers: int | None, wait_s: float) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each): half a GPU each where the cluster has GPUs (an autoscaling
+    cluster whose node types have GPUs is asked for them first), else the free CPUs, at most one
+    node's CPUs per actor (a larger request would never be placed)."""
+    from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
 
-    free = ray.available_resources()
-    gpus, cpus = free.get("GPU", 0.0), max(1.0, free.get("CPU", 1.0))
+    cluster = Cluster.observe()
+    gpus = cluster.available.get("GPU", 0.0)
+    if gpus <= 0 and cluster.autoscaling and cluster.most.get("GPU", 0.0) > 0:
+        n = max(1, min(num_workers or 2, n_chunks))
+        if wait_for_resources([{"CPU": 1.0, "GPU": 0.5}] * n, cluster, wait_s, f"{n} CLIP encoders"):
+            release_request()
+        return n, 1.0, 0.5
     if gpus > 0:
         per_gpu = min(0.5, gpus)
         n = num_workers or max(1, int(gpus / per_gpu))
         return max(1, min(n, n_chunks)), 1.0, per_gpu
-    n = num_workers or max(1, int(cpus) // 2)
-    n = max(1, min(n, n_chunks))
-    return n, max(1.0, float(int(cpus) // n)), 0.0
+    cpus = max(1.0, cluster.available.get("CPU", 1.0))
+    largest = max([n.get("CPU", 0.0) for n in cluster.nodes] + [1.0])
+    n = max(1, min(num_workers or max(1, int(cpus) // 2), n_chunks))
+    return n, float(max(1, min(int(cpus) // n, int(largest)))), 0.0
 
 
 def _encode_on_ray(cfg, dataset, ids, batch_size, precision, num_workers) -> np.ndarray:
@@ -224,14 +233,17 @@ def _encode_on_ray(cfg, dataset, ids, batch_size, precision, num_workers) -> np.
     from ray.util import ActorPool
 
     from fedplatform.experiment import ensure_ray
+    from fedplatform.runtime.replicate import PreparedData, publish_location
 
     ensure_ray()
+    # Encoders read the store through the actors' fetch path: a node without it fetches it once.
+    data = PreparedData.serve(dataset.path, publish_to=publish_location(cfg))
     chunk = batch_size * 4
     starts = list(range(0, len(ids), chunk))
-    n, cpus, gpus = _pool_shape(len(starts), num_workers)
+    n, cpus, gpus = _pool_shape(len(starts), num_workers, cfg.runtime.wait_for_resources_s)
     log.info("encoding %d images with %d CLIP actor(s) (%g CPU, %g GPU each)", len(ids), n, cpus, gpus)
     actors = [_Encoder.options(num_cpus=cpus, num_gpus=gpus).remote(
-        cfg.clip.model, cfg.clip.pretrained, str(dataset.path), int(cpus), gpus > 0, precision, batch_size)
+        cfg.clip.model, cfg.clip.pretrained, data, int(cpus), gpus > 0, precision, batch_size)
         for _ in range(n)]
     try:
         pool = ActorPool(actors)
@@ -247,13 +259,11 @@ def _make_encoder():
 
     @ray.remote
     class Encoder:
-        def __init__(self, model, pretrained, store_path, threads, use_gpu, precision, batch_size):
-            from fedplatform.data.store import open_store
-
+        def __init__(self, model, pretrained, data, threads, use_gpu, precision, batch_size):
             torch.set_num_threads(max(1, threads))
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
             self.clip, self.preprocess, _, _ = create_clip(model, pretrained, device, precision)
-            self.ds = open_store(store_path, verify=False)
+            self.ds = data.open_here()  # fetched first on a node that lacks it
             self.batch_size = batch_size
 
         def encode(self, start: int, ids: np.ndarray) -> tuple[int, np.ndarray]:

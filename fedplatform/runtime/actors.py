@@ -81,6 +81,7 @@ class _Worker:
             if 0 < num_gpus < 1:
                 # The GPU fraction is also a memory budget: one client cannot OOM the others.
                 torch.cuda.set_per_process_memory_fraction(num_gpus)
+        self.fetched = data.fetch_here()  # what this actor copied to its node: at most one actor per node does
         self.ds = data.open_here()
         ctx = Context(cfg=self.cfg, num_classes=self.ds.num_classes, class_names=self.ds.class_names,
                       image_shape=self.ds.image_shape, norm_mean=self.ds.norm_mean, norm_std=self.ds.norm_std,
@@ -88,7 +89,8 @@ class _Worker:
         self.algo = get_algorithm(self.cfg.algorithm.name)(ctx)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.device), "node": ray.get_runtime_context().get_node_id()}
+        return {"pid": os.getpid(), "device": str(self.device), "node": ray.get_runtime_context().get_node_id(),
+                "store": str(self.ds.path), "fetched": self.fetched}
 
     def _data(self, client_id: int, ids: np.ndarray) -> ClientData:
         """Pixels for fixed-size stores; for encoded stores images stay None (algorithms decode or
