@@ -252,7 +252,7 @@ class RuntimeConfig(Section):
     round_timeout_s: float = Field(3600.0, gt=0.0)
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)
-    storage: str = Field(default_factory=lambda: default_storage())
+    storage: str = Field(default_factory=default_storage)
     """Where run checkpoints and sweep state go: a local or NFS path, or a URI pyarrow.fs resolves
     (s3://bucket/prefix). On a multi-node cluster use shared storage, so any node and a new head
     can resume. Default: $FEDPLATFORM_STORAGE, else fedplatform_runs."""
@@ -287,7 +287,7 @@ class ExperimentConfig(Section):
     algorithm: AlgorithmConfig = FedAvgConfig()
     rounds: int = Field(200, ge=1)
     clients_per_round: int = Field(8, ge=1)
-    runtime: RuntimeConfig = RuntimeConfig()
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # reads $FEDPLATFORM_STORAGE now
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")

@@ -107,6 +107,7 @@ def check_writable(location: str) -> None:
     A local path is left alone (nothing is created before a run starts)."""
     if not is_uri(location):
         return
+    resolve(location)  # an unknown scheme: its own error, naming `location`
     probe = join(location, f".fedplatform-probe-{os.getpid()}")
     try:
         write_bytes(probe, b"")
