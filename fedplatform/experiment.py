@@ -1,6 +1,6 @@
 """Run one experiment end to end: prepare data, start the actors, loop over rounds, track, checkpoint.
 
-Everything that can be wrong with the input (config, data, resources, tracking store, resume
+Everything that can be wrong with the input (config, storage, data, resources, tracking store, resume
 target) is checked before the MLflow run or the run directory is created, so bad input never
 leaves a half-made run behind.
 """
