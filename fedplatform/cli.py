@@ -162,9 +162,21 @@ def _add_pipeline_args(p) -> None:
                    help="override a config value, e.g. --set algorithm.lr=0.05 (repeatable)")
 
 
+def _add_storage_arg(p) -> None:
+    p.add_argument("--storage", metavar="URI",
+                   help="where checkpoints and sweep state go: a path or a URI such as s3://bucket/prefix "
+                        "(same as --set runtime.storage=URI; default $FEDPLATFORM_STORAGE or fedplatform_runs)")
+
+
+def _overrides(args) -> list[str]:
+    """--set values, then --storage (it wins over a --set runtime.storage)."""
+    return args.overrides + ([f"runtime.storage={args.storage}"] if args.storage else [])
+
+
 def add_run(sub) -> None:
     p = sub.add_parser("run", parents=[_COMMON], help="train one federated experiment on Ray")
     _add_pipeline_args(p)
+    _add_storage_arg(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--resume", metavar="RUN", help="continue a run (its id or run directory) from its last checkpoint")
     p.add_argument("--ray-address", help="connect to a running Ray cluster instead of starting a local one")
@@ -175,7 +187,7 @@ def cmd_run(args) -> int:
     from fedplatform.config import load_config
     from fedplatform.experiment import run_experiment
 
-    cfg = load_config(args.pipeline, args.overrides)
+    cfg = load_config(args.pipeline, _overrides(args))
     try:
         result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
                                 ray_address=args.ray_address)
@@ -199,6 +211,7 @@ def _interrupted(args, command: str, path: str, *resume: str) -> int:
     """Ctrl-C: print the exact command that continues (same file, overrides and tracking URI)."""
     again = ["fedplatform", command, path, *(a for o in args.overrides for a in ("--set", o))]
     again += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    again += ["--storage", args.storage] if args.storage else []
     print(f"interrupted; continue with `{shlex.join(again + list(resume))}`", file=sys.stderr)
     return 130
 
@@ -233,6 +246,7 @@ def add_sweep(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base-pipeline value for every trial, e.g. --set rounds=10 (repeatable)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    _add_storage_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep of this space")
     p.set_defaults(handler=cmd_sweep)
 
@@ -241,7 +255,7 @@ def cmd_sweep(args) -> int:
     from fedplatform.tune import run_sweep
 
     try:
-        result = run_sweep(args.space, args.overrides, tracking_uri=args.tracking_uri, resume=args.resume)
+        result = run_sweep(args.space, _overrides(args), tracking_uri=args.tracking_uri, resume=args.resume)
     except KeyboardInterrupt:
         return _interrupted(args, "sweep", args.space, "--resume")
     print(result.table())

@@ -6,6 +6,7 @@ whose message is one readable line naming the key, the bad value and what is all
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -227,6 +228,11 @@ ALGORITHM_NAMES = tuple(ALGORITHM_CONFIGS)
 AlgorithmConfig = Annotated[Union[tuple(ALGORITHM_CONFIGS.values())], Field(discriminator="name")]
 
 
+def default_storage() -> str:
+    """runtime.storage when neither the pipeline nor --storage/--set sets it."""
+    return os.environ.get("FEDPLATFORM_STORAGE") or "fedplatform_runs"
+
+
 class Resources(Section):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -249,10 +255,10 @@ class RuntimeConfig(Section):
     sweep's first trial needs (0 = fail at once). A fixed cluster never waits."""
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)
-    storage: str = "fedplatform_runs"
+    storage: str = Field(default_factory=default_storage)
     """Where run checkpoints and sweep state go: a local or NFS path, or a URI pyarrow.fs resolves
     (s3://bucket/prefix). On a multi-node cluster use shared storage, so any node and a new head
-    can resume."""
+    can resume. Default: $FEDPLATFORM_STORAGE, else fedplatform_runs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -284,7 +290,7 @@ class ExperimentConfig(Section):
     algorithm: AlgorithmConfig = FedAvgConfig()
     rounds: int = Field(200, ge=1)
     clients_per_round: int = Field(8, ge=1)
-    runtime: RuntimeConfig = RuntimeConfig()
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # reads $FEDPLATFORM_STORAGE now
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")

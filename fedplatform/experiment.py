@@ -1,6 +1,6 @@
 """Run one experiment end to end: prepare data, start the actors, loop over rounds, track, checkpoint.
 
-Everything that can be wrong with the input (config, data, resources, tracking store, resume
+Everything that can be wrong with the input (config, storage, data, resources, tracking store, resume
 target) is checked before the MLflow run or the run directory is created, so bad input never
 leaves a half-made run behind.
 """
@@ -15,7 +15,7 @@ from typing import Callable
 
 import ray
 
-from fedplatform import __version__
+from fedplatform import __version__, storage
 from fedplatform.config import ExperimentConfig, flatten, to_yaml
 from fedplatform.errors import RunInterrupted, UserError
 from fedplatform.runtime import checkpoint as ckpt_io
@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = ("rounds", "runtime.", "tracking.", "data.cache_dir", "data.
 @dataclass
 class RunResult:
     run_id: str
-    run_dir: Path
+    run_dir: str
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
@@ -51,7 +51,7 @@ def ensure_ray(address: str | None = None) -> None:
         raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
 
 
-def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[Path, Checkpoint, dict]:
+def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[str, Checkpoint, dict]:
     run_dir = ckpt_io.find_run_dir(cfg.runtime.storage, resume)
     ckpt, state = ckpt_io.load(run_dir)
     changed = [k for k in ckpt_io.config_differences(ckpt.config, cfg.model_dump(mode="json"))
@@ -71,7 +71,7 @@ def run_experiment(
     tracking_uri: str | None = None,
     resume: str | None = None,
     parent_run_id: str | None = None,
-    on_round: Callable[[dict, Path], None] | None = None,
+    on_round: Callable[[dict, str], None] | None = None,
     progress: bool = True,
     ray_address: str | None = None,
 ) -> RunResult:
@@ -80,11 +80,12 @@ def run_experiment(
 
     from fedplatform.algorithms import get_algorithm
 
+    storage.check_writable(cfg.runtime.storage)
     resumed = _resume_target(cfg, resume) if resume else None
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
     ds = prepare(cfg)
-    tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
+    tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri), storage=cfg.runtime.storage)
     ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
     prepared = algorithm.prepare(cfg, ds)
     engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)), cfg.runtime.num_client_actors,
@@ -99,7 +100,7 @@ def run_experiment(
     else:
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
                       flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
-        run_dir, start_round = Path(cfg.runtime.storage) / tracker.run_id, 1
+        run_dir, start_round = storage.join(cfg.runtime.storage, tracker.run_id), 1
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)

@@ -87,6 +87,12 @@ def upload(local_file: str, location: str) -> None:
                     destination_filesystem=fs, chunk_size=8 << 20)
 
 
+def mtime(location: str) -> float:
+    """Last modification time of a file (seconds since the epoch)."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path).mtime.timestamp()
+
+
 def list_dir(location: str) -> list[str]:
     """Names of the entries directly under `location` (empty when it does not exist)."""
     fs, path = resolve(location)
@@ -101,3 +107,21 @@ def delete(location: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def check_writable(location: str) -> None:
+    """One clear error before anything starts when an object-store URI is unusable (unknown scheme,
+    missing bucket, no credentials, endpoint down): write and delete a small probe object there.
+    A local path is left alone (nothing is created before a run starts)."""
+    if not is_uri(location):
+        return
+    resolve(location)  # an unknown scheme: its own error, naming `location`
+    probe = join(location, f".fedplatform-probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except OSError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(f"storage '{location}' is not writable ({reason}); check that the bucket exists, the "
+                        "credentials (AWS_ACCESS_KEY_ID or an instance profile) and $AWS_ENDPOINT_URL, or use "
+                        "a local path") from None

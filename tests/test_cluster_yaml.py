@@ -63,3 +63,9 @@ def test_mlflow_server_binds_to_the_private_address_and_workers_point_at_it(clus
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in workers
     assert "FEDPLATFORM_CACHE=/data/" in workers
     assert "--dashboard-host=127.0.0.1" in "\n".join(cluster["head_start_ray_commands"])
+
+
+def test_the_head_keeps_runs_and_sweeps_on_the_bucket(cluster):
+    # ray start's environment reaches `ray job submit` drivers; ~/.bashrc reaches `ray attach` shells
+    for commands in ("head_start_ray_commands", "head_setup_commands"):
+        assert "FEDPLATFORM_STORAGE=s3://CHANGE-ME-fedplatform-mlflow-artifacts/runs" in "\n".join(cluster[commands])

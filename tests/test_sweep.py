@@ -264,7 +264,7 @@ def test_a_sweep_interrupted_with_ctrl_c_continues_with_resume(tmp_path, ray_ses
 
     result = run_sweep(path, tracking_uri=uri, resume=True)
     assert client.get_run(orphan).info.status == "KILLED"
-    assert result.parent_run_id == parent_id and result.path == sweep_dir
+    assert result.parent_run_id == parent_id and result.path == str(sweep_dir)
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert sorted((r["status"], r["rounds_run"]) for r in result.rows) == [("finished", 1), ("finished", 2)]
     after = {k.info.run_id: k for k in _child_runs(client, parent_id) if k.info.run_id != orphan}
@@ -320,5 +320,5 @@ def test_a_restarted_trial_goes_on_from_the_latest_of_tunes_checkpoint_and_its_r
     if expected is None:
         assert found is None and not tune_has_it
     else:
-        assert (found.name, trial._saved_round(found), tune_has_it) == expected
-        assert found.parent == runs_dir
+        assert (os.path.basename(found), trial._saved_round(found), tune_has_it) == expected
+        assert os.path.dirname(found) == str(runs_dir)

@@ -1,22 +1,22 @@
 """Round checkpoints: tensors in safetensors, everything else in JSON; nothing is ever unpickled.
 
-A run directory holds `state-rNNNN.safetensors` (the server state) and `checkpoint.json`
-(round, sampler state, MLflow run id, metric history, resolved config). The JSON is written
-last with an atomic rename: it is the commit point, so a crash mid-write leaves the previous
-checkpoint intact.
+A run directory (`<runtime.storage>/<run id>`, a local path or an object-store URI) holds
+`state-rNNNNN.safetensors` (the server state) and `checkpoint.json` (round, sampler state, MLflow
+run id, metric history, resolved config). The JSON is written last, atomically: it is the commit
+point, so a crash mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
+from fedplatform import storage
 from fedplatform.errors import UserError
 
 CHECKPOINT = "checkpoint.json"
@@ -59,42 +59,33 @@ class Checkpoint:
     state_file: str = ""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save(run_dir: Path, ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def save(run_dir: str, ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
+    """Write the state file, then `checkpoint.json` (the commit point: atomic on a local disk
+    through a rename, and a single PUT on an object store), then delete older state files."""
     ckpt.state_file = f"state-r{ckpt.round:05d}.safetensors"
-    tmp = run_dir / f".{ckpt.state_file}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, run_dir / ckpt.state_file)
-    _atomic_write_bytes(run_dir / CHECKPOINT, json.dumps(asdict(ckpt)).encode())
-    for old in run_dir.glob("state-r*.safetensors"):
-        if old.name != ckpt.state_file:
-            old.unlink(missing_ok=True)
+    storage.write_bytes(storage.join(run_dir, ckpt.state_file),
+                        save_tensors({k: v.contiguous() for k, v in state.items()}))
+    storage.write_bytes(storage.join(run_dir, CHECKPOINT), json.dumps(asdict(ckpt)).encode())
+    for old in storage.list_dir(run_dir):
+        if old.startswith("state-r") and old.endswith(".safetensors") and old != ckpt.state_file:
+            storage.delete(storage.join(run_dir, old))
 
 
-def find_run_dir(runs_dir: str | Path, run: str) -> Path:
-    """`run` is a run directory path or a run id under `runs_dir`."""
-    for candidate in (Path(run), Path(runs_dir) / run):
-        if (candidate / CHECKPOINT).is_file():
+def find_run_dir(runs_dir: str, run: str) -> str:
+    """`run` is a run directory (path or URI) or a run id under `runs_dir` (runtime.storage)."""
+    for candidate in (str(run), storage.join(runs_dir, run)):
+        if storage.is_file(storage.join(candidate, CHECKPOINT)):
             return candidate
     raise UserError(
-        f"--resume {run}: no checkpoint found at '{run}' or '{Path(runs_dir) / run}'; pass a run id "
+        f"--resume {run}: no checkpoint found at '{run}' or '{storage.join(runs_dir, run)}'; pass a run id "
         f"listed under '{runs_dir}' or a run directory path"
     )
 
 
-def load(run_dir: Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+def load(run_dir: str) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
     try:
-        ckpt = Checkpoint(**json.loads((run_dir / CHECKPOINT).read_text()))
-        state = load_file(str(run_dir / ckpt.state_file))
+        ckpt = Checkpoint(**json.loads(storage.read_bytes(storage.join(run_dir, CHECKPOINT))))
+        state = load_tensors(storage.read_bytes(storage.join(run_dir, ckpt.state_file)))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise UserError(f"checkpoint in '{run_dir}' is unreadable ({exc}); it cannot be resumed") from None
     return ckpt, state

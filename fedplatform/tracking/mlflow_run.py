@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedplatform import storage
 from fedplatform.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # Lands users on the "Model training" runs table instead of MLflow 3's GenAI view.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+TRACKING_SERVERS = ("http://", "https://", "databricks")
 
 
 def resolve_uri(explicit: str | None, configured: str | None) -> str:
@@ -66,22 +68,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-class Tracker:
-    """Logs one experiment to one MLflow run; `run_id` survives resumes."""
+def artifact_location(tracking_uri: str, storage_root: str | None, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `<storage>/mlflow/<experiment>` when
+    runtime.storage is a URI and the tracking store is a database or files; None (MLflow's own
+    default) otherwise. A tracking server keeps its own artifact root (--artifacts-destination)."""
+    if storage_root is None or not storage.is_uri(storage_root) or tracking_uri.startswith(TRACKING_SERVERS):
+        return None
+    return storage.join(storage_root, "mlflow", experiment)
 
-    def __init__(self, uri: str):
+
+class Tracker:
+    """Logs one experiment to one MLflow run; `run_id` survives resumes. `storage` (runtime.storage)
+    decides where a new experiment keeps its artifacts (see `artifact_location`)."""
+
+    def __init__(self, uri: str, storage: str | None = None):
         _check_reachable(uri)
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.storage = storage
         self.client = MlflowClient(uri)
         self.run_id: str | None = None
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
+        if exp is not None:  # an existing experiment keeps its artifact location
             return exp.experiment_id
-        return self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
+        return self.client.create_experiment(name, artifact_location=artifact_location(self.uri, self.storage, name),
+                                             tags=dict([EXPERIMENT_KIND_TAG]))
 
     def start(self, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
               parent_run_id: str | None = None) -> str:

@@ -11,8 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedplatform.config import ConfigError, ExperimentConfig, apply_override, flatten, parse_overrides, \
-    read_yaml, validate
+from fedplatform import storage
+from fedplatform.config import ConfigError, ExperimentConfig, apply_override, default_storage, flatten, \
+    parse_overrides, read_yaml, validate
 from fedplatform.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -151,8 +152,8 @@ def _absolute_paths(raw: dict) -> None:
     for key in PATH_KEYS:
         value = flat.get(key)
         if key == "runtime.storage" and value is None:
-            value = "fedplatform_runs"
-        if isinstance(value, str) and not value.startswith(("s3://", "gs://")):
+            value = default_storage()
+        if isinstance(value, str) and not storage.is_uri(value):
             apply_override(raw, key, str(Path(value).expanduser().resolve()))
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedplatform import storage
 from fedplatform.config import ExperimentConfig
 from fedplatform.tune.space import SweepSpec
 
@@ -16,7 +18,8 @@ from fedplatform.tune.space import SweepSpec
 class SweepResult:
     name: str
     parent_run_id: str
-    path: Path
+    path: str
+    """The sweep directory (runtime.storage/sweeps/<name>-<start time>): a path or a URI."""
     rows: list[dict] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
 
@@ -28,7 +31,7 @@ SUMMARY_METRICS = ("accuracy", "many_shot_acc", "medium_shot_acc", "few_shot_acc
 
 
 def summarize(grid, spec: SweepSpec, keys: list[str], cfg: ExperimentConfig, name: str, parent_run_id: str,
-               sweep_dir: Path, tracker) -> SweepResult:
+               sweep_dir: str, tracker) -> SweepResult:
     from fedplatform.tracking.plots import plot_sweep_groups, plot_sweep_metric
 
     rows = []
@@ -51,21 +54,22 @@ def summarize(grid, spec: SweepSpec, keys: list[str], cfg: ExperimentConfig, nam
     rows.sort(key=lambda r: r["trial"])
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = to_csv(rows, columns)
-    (sweep_dir / "sweep_summary.csv").write_text(table)
+    storage.write_bytes(storage.join(sweep_dir, "sweep_summary.csv"), table.encode())
     tracker.log_text("sweep_summary.csv", table)
-    plots = sweep_dir / "plots"
-    plots.mkdir(exist_ok=True)
     done = [r for r in rows if r.get("accuracy") is not None]
-    for key in keys:
-        if key == "algorithm.name":
-            continue
-        path = plots / f"accuracy_vs_{key.replace('.', '_')}.png"
-        plot_sweep_metric(done, key, "accuracy", path)
-        tracker.log_file(path)
-    if any(r.get("many_shot_acc") is not None for r in done):
-        path = plots / "shot_accuracy_per_trial.png"
-        plot_sweep_groups(done, ("many_shot_acc", "medium_shot_acc", "few_shot_acc"), path)
-        tracker.log_file(path)
+    with tempfile.TemporaryDirectory() as tmp:  # drawn here, then copied to the sweep dir and MLflow
+        plots = []
+        for key in keys:
+            if key == "algorithm.name":
+                continue
+            plots.append(Path(tmp) / f"accuracy_vs_{key.replace('.', '_')}.png")
+            plot_sweep_metric(done, key, "accuracy", plots[-1])
+        if any(r.get("many_shot_acc") is not None for r in done):
+            plots.append(Path(tmp) / "shot_accuracy_per_trial.png")
+            plot_sweep_groups(done, ("many_shot_acc", "medium_shot_acc", "few_shot_acc"), plots[-1])
+        for path in plots:
+            storage.write_bytes(storage.join(sweep_dir, "plots", path.name), path.read_bytes())
+            tracker.log_file(path)
     best = max(done, key=lambda r: r["accuracy"] * (1 if spec.mode == "max" else -1), default=None)
     if best is not None:
         tracker.log_metrics(0, {"best_accuracy": best["accuracy"]})

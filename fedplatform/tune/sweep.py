@@ -16,9 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 
+from fedplatform import storage
 from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yaml, validate
 from fedplatform.errors import RunFailed, UserError
 from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
@@ -30,9 +32,12 @@ from fedplatform.tune.trial import run_trial
 SWEEP_STATE = "fedplatform_sweep.json"
 
 
-def _sweep_dirs(root: Path, name: str) -> list[Path]:
-    return sorted((p for p in root.glob(f"{name}-*") if (p / SWEEP_STATE).is_file()),
-                  key=lambda p: p.stat().st_mtime)
+def _sweep_dirs(root: str, name: str) -> list[str]:
+    """The sweeps of this name under `root`, oldest first: their names end in the start time
+    (`<name>-YYYYmmdd-HHMMSS`, then an `x` per clash), which sorts the same on any storage."""
+    pattern = re.compile(re.escape(name) + r"-\d{8}-\d{6}x*")
+    return [storage.join(root, d) for d in storage.list_dir(root)
+            if pattern.fullmatch(d) and storage.is_file(storage.join(root, d, SWEEP_STATE))]
 
 
 def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: str | None = None,
@@ -55,15 +60,16 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     base, cfg = build_base(spec, space_path, list(overrides))
     check_trial_inputs([cfg, *check_space(spec, base, space_path)], space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
-    root = Path(cfg.runtime.storage) / "sweeps"
+    storage.check_writable(cfg.runtime.storage)
+    root = storage.join(cfg.runtime.storage, "sweeps")
     if resume:  # nothing to resume: one clear error before anything starts
         previous = _sweep_dirs(root, name)
-        if not previous or not tune.Tuner.can_restore(str(previous[-1] / "tune")):
+        if not previous or not tune.Tuner.can_restore(storage.join(previous[-1], "tune")):
             raise UserError(f"--resume: no interrupted sweep named '{name}' under '{root}'")
-        if not _interrupted(spec, previous[-1] / "tune"):
+        if not _interrupted(spec, storage.join(previous[-1], "tune")):
             raise UserError(f"--resume: the last sweep named '{name}' ({previous[-1]}) finished; "
                             "run it without --resume to start a new one")
-    tracker = Tracker(uri)  # unreachable store: one clear error before anything starts
+    tracker = Tracker(uri, storage=cfg.runtime.storage)  # unreachable store: one clear error before anything starts
     ensure_ray()
     cluster = Cluster.observe()
     bundles = trial_bundles(cfg, cluster)
@@ -77,13 +83,12 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
 
     if resume:
         sweep_dir = previous[-1]
-        parent_run_id = json.loads((sweep_dir / SWEEP_STATE).read_text())["parent_run_id"]
+        parent_run_id = json.loads(storage.read_bytes(storage.join(sweep_dir, SWEEP_STATE)))["parent_run_id"]
         tracker.resume(parent_run_id)
     else:
-        sweep_dir = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        while sweep_dir.exists():
-            sweep_dir = sweep_dir.with_name(sweep_dir.name + "x")
-        sweep_dir.mkdir(parents=True)
+        sweep_dir = storage.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        while storage.exists(sweep_dir):
+            sweep_dir += "x"
         params = {f"sweep.space.{k}": json.dumps({d.kind: getattr(d, d.kind)}) for k, d in spec.space.items()}
         params.update({"sweep.searcher": spec.searcher, "sweep.scheduler": spec.scheduler.name,
                        "sweep.num_samples": spec.num_samples, "sweep.metric": spec.metric,
@@ -93,8 +98,8 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                       {"fedplatform.kind": "sweep", "sweep.name": name})
         tracker.log_text("space.yaml", space_path.read_text())
         tracker.log_text("base_config.yaml", to_yaml(cfg))
-        (sweep_dir / SWEEP_STATE).write_text(json.dumps({"parent_run_id": parent_run_id,
-                                                         "space": str(space_path.resolve())}))
+        storage.write_bytes(storage.join(sweep_dir, SWEEP_STATE),
+                            json.dumps({"parent_run_id": parent_run_id, "space": str(space_path.resolve())}).encode())
 
     keys = list(spec.space)
     trainable = tune.with_parameters(run_trial, base=base, keys=keys, tracking_uri=uri,
@@ -109,16 +114,16 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     trainable = tune.with_resources(trainable, resources)
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(storage.join(sweep_dir, "tune"), trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space={k: d.to_tune() for k, d in spec.space.items()},
                                tune_config=_tune_config(spec, cfg, concurrency),
                                run_config=tune.RunConfig(
-                                   name="tune", storage_path=str(sweep_dir), verbose=verbose,
+                                   name="tune", storage_path=sweep_dir, verbose=verbose,
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         grid = tuner.fit()
-        interrupted = _interrupted(spec, sweep_dir / "tune")
+        interrupted = _interrupted(spec, storage.join(sweep_dir, "tune"))
         current = {(res.metrics or {}).get("mlflow_run_id") for res in grid}
         for run in _child_runs(tracker.client, parent_run_id):
             # Interrupted: Tune stopped these trials. Otherwise: a run no trial goes on with, left
@@ -131,7 +136,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         failed = [res.error for res in grid if res.error]
         if failed and len(failed) == len(grid):
             raise RunFailed(f"all {len(grid)} trials of sweep '{name}' failed, the first with "
-                            f"{_error_line(failed[0])} (trial logs under {sweep_dir / 'tune'})")
+                            f"{_error_line(failed[0])} (trial logs under {storage.join(sweep_dir, 'tune')})")
     except BaseException as exc:
         tracker.finish(exc)
         raise
@@ -152,13 +157,13 @@ def _child_runs(client, parent_run_id: str) -> list:
     return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
-def _interrupted(spec: SweepSpec, tune_dir: Path) -> bool:
+def _interrupted(spec: SweepSpec, tune_dir: str) -> bool:
     """On Ctrl-C Tune saves its state and returns from fit() as if done (the trials it stopped read
     TERMINATED); its saved state then lacks trials, or still has some pending or running."""
     from ray.tune import ExperimentAnalysis
 
     total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid")
-    saved = ExperimentAnalysis(str(tune_dir)).trials
+    saved = ExperimentAnalysis(tune_dir).trials
     return len(saved) < total or any(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
