@@ -71,13 +71,14 @@ class FakeCluster:
         self._wait_for_autoscaler()
 
     def _wait_for_autoscaler(self, timeout: float = 60.0) -> None:
-        """Until the monitor has reported on its autoscaler once (what fedplatform looks for)."""
+        """Until the monitor has reported on its autoscaler's node types once (what fedplatform looks for)."""
         code = ("import json, time, ray; ray.init(logging_level='ERROR')\n"
                 "from ray.experimental.internal_kv import _internal_kv_get\n"
                 f"deadline = time.monotonic() + {timeout}\n"
                 "while time.monotonic() < deadline:\n"
                 "    s = _internal_kv_get('__autoscaling_status')\n"
-                "    if s and 'autoscaler_report' in json.loads(s): break\n"
+                "    report = json.loads(s or '{}').get('autoscaler_report') or {}\n"
+                "    if 'ray.head.default' in (report.get('active_nodes') or {}): break\n"
                 "    time.sleep(0.5)\n"
                 "else: raise SystemExit('the fake autoscaler never reported')\n")
         subprocess.run([sys.executable, "-c", code], env=self.env(), check=True, capture_output=True,

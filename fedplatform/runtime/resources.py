@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 KINDS = ("CPU", "GPU")
 CLUSTER_CONFIG_ENV = "FEDPLATFORM_CLUSTER_CONFIG"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by a running autoscaler (v1)
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by the head's monitor (autoscaler v1)
+READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")
 PROGRESS_EVERY_S = 10.0
 
 
@@ -151,15 +153,17 @@ def _node_types() -> NodeTypes | None:
 
 
 def _autoscaler_running() -> bool:
-    """A monitor with a launcher config reports on its autoscaler (every local Ray runs a monitor
-    too, whose status lacks that report)."""
+    """An autoscaler with a launcher config runs: its report names node types of that config.
+    Every Ray head runs a monitor; without a config its read-only provider names each node
+    `node_<node id>`, and nothing can be added."""
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        status = _internal_kv_get(AUTOSCALER_STATUS_KEY)
-        return status is not None and "autoscaler_report" in json.loads(status)
+        report = json.loads(_internal_kv_get(AUTOSCALER_STATUS_KEY) or "{}").get("autoscaler_report") or {}
     except Exception:  # noqa: BLE001 - no GCS access or an unknown format: behave as a fixed cluster
         return False
+    types = set((report.get("node_type_mapping") or {}).values()) | set(report.get("active_nodes") or {})
+    return any(not READONLY_NODE_TYPE.fullmatch(t) for t in types)
 
 
 def check_fits_a_node(res: Resources, name: str, cluster: Cluster) -> None:
