@@ -7,6 +7,7 @@ leaves a half-made run behind.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
 from fedplatform.runtime.engine import Engine, summarize
 from fedplatform.runtime.replicate import PreparedData
-from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
+from fedplatform.tracking.mlflow_run import Tracker, check_tracking_uri, git_commit, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,53 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
+RAY_CONNECT_TIMEOUT_S = 5.0
+"""How long `--ray-address host:port` may take to accept a TCP connection (Ray itself retries for minutes)."""
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail in seconds, with one line, when nothing listens at an explicit host:port (checked
+    first, before data, MLflow or a run directory are touched)."""
+    import socket
+
+    if not address or ray.is_initialized():
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep:
+        return
+    if not port.isdigit() or not host:
+        raise UserError(f"--ray-address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--ray-address {address}: nothing accepts connections there within "
+                        f"{RAY_CONNECT_TIMEOUT_S:g} s ({getattr(exc, 'strerror', None) or exc}); start the "
+                        "cluster (ray start --head) or fix the address") from None
+
+
 def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
+    check_ray_address(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     except ConnectionError as exc:
         raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
+
+
+def check_local_storage(location: str) -> None:
+    """A local runtime.storage must be (or be creatable in) a writable folder: said now, not after
+    round 1 when the first checkpoint is written. URIs are checked by their filesystem."""
+    if "://" in location and not location.startswith("file://"):
+        return
+    path = Path(location.removeprefix("file://")).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"runtime.storage={location!r}: '{existing}' is a file, not a folder; "
+                        "set runtime.storage to a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"runtime.storage={location!r}: '{existing}' is not writable; run from a writable "
+                        "folder or set runtime.storage to one")
 
 
 def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[Path, Checkpoint, dict]:
@@ -75,12 +116,18 @@ def run_experiment(
 
     from fedplatform.algorithms import get_algorithm
 
-    resumed = _resume_target(cfg, resume) if resume else None
+    if resume is not None and not resume.strip():
+        raise UserError("--resume needs a run id or a run directory, got an empty value")
+    check_ray_address(ray_address)
+    check_local_storage(cfg.runtime.storage)
+    resumed = _resume_target(cfg, resume) if resume is not None else None
+    uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
+    check_tracking_uri(uri)  # creates nothing, unlike the Tracker (an SQLite file)
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
     ds = prepare(cfg)
     prepared = algorithm.prepare(cfg, ds)
-    tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
+    tracker = Tracker(uri)
     ensure_ray(ray_address)
     engine = Engine(cfg, PreparedData.serve(ds.path, prepared), cfg.runtime.num_client_actors,
                     server_state=resumed[2] if resumed else None)

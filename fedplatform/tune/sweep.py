@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 
 from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yaml, validate
 from fedplatform.errors import RunFailed, UserError
 from fedplatform.tune.resources import check_trial_fits, concurrent_trials, placement_group_factory, trial_bundles
-from fedplatform.tune.space import SweepSpec, build_base, check_space, check_trial_inputs, load_spec
+from fedplatform.tune.space import NAME_PATTERN, SweepSpec, build_base, check_space, check_trial_inputs, load_spec
 from fedplatform.tune.summary import SweepResult, summarize
 from fedplatform.tune.trial import run_trial
 
@@ -40,7 +41,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     import ray
     from ray import tune
 
-    from fedplatform.experiment import ensure_ray
+    from fedplatform.experiment import check_local_storage, ensure_ray
     from fedplatform.tracking.mlflow_run import Tracker, absolute_uri, resolve_uri
 
     space_path = Path(space_path)
@@ -52,7 +53,11 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
             raise UserError(f"{space_path}: searcher: optuna needs the optuna package; install it with "
                             "pip install 'fedplatform[optuna]', or use searcher: basic") from None
     name = spec.name or space_path.stem
+    if not re.match(NAME_PATTERN, name):
+        raise UserError(f"sweep name {name!r} (the file's stem) cannot be a folder name; set name: with letters, "
+                        "digits, '_', '.' and '-' in the space file")
     base, cfg = build_base(spec, space_path, list(overrides))
+    check_local_storage(cfg.runtime.storage)
     check_trial_inputs([cfg, *check_space(spec, base, space_path)], space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
     root = Path(cfg.runtime.storage) / "sweeps"
