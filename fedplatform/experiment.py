@@ -47,7 +47,7 @@ def check_ray_address(address: str | None) -> None:
     first, before data, MLflow or a run directory are touched)."""
     import socket
 
-    if not address or ray.is_initialized():
+    if not address:
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if address == "auto" or not sep:

@@ -21,6 +21,7 @@ def ray_session(tmp_path_factory):
     fault_file = tmp_path_factory.mktemp("faults") / "fault.json"
     os.environ[FAULT_ENV] = str(fault_file)  # before ray.init: workers inherit the environment
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # address="local": never join a `ray start` cluster another process left on this machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield {"fault_file": fault_file}
     ray.shutdown()

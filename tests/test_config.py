@@ -8,7 +8,7 @@ from fedplatform.errors import UserError
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
-def error_of(tmp_path, text="", overrides=()):
+def error_of(tmp_path, text="name: test\n", overrides=()):
     f = tmp_path / "p.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError) as err:

@@ -107,6 +107,10 @@ def load_source(cfg: DataConfig) -> SourceData:
 # ---------------------------------------------------------------------------- helpers
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what the official CIFAR pickles hold: dicts, lists, str/bytes, ints and numpy
     arrays. Any other global (os.system, builtins.eval, ...) is refused before it can run, so a
@@ -125,7 +129,7 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         target = self.ALLOWED.get((module, name))
         if target is None:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR file never contains")
+            raise _Refused(f"it refers to {module}.{name}, which a CIFAR file never contains")
         import importlib
 
         return getattr(importlib.import_module(target[0]), target[1])
@@ -137,10 +141,10 @@ def read_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise UserError(f"{path} is not an official CIFAR file and was not loaded: {exc}; replace it with the "
                         "file from the official archive") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OSError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OSError) as exc:
         raise UserError(f"{path} is corrupt or truncated ({type(exc).__name__}); replace it with the file from "
                         "the official archive") from None
     if not isinstance(obj, dict):
