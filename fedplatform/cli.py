@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -351,7 +352,7 @@ MAX_ERROR_CHARS = 2000
 
 def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """An error message as one line, cut to `limit` characters (it may echo a user's value)."""
-    line = " ".join(text.split())
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())  # no terminal colour codes from Ray
     return line if len(line) <= limit else f"{line[:limit]}... (message cut at {limit} characters)"
 
 

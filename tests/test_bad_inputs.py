@@ -349,3 +349,18 @@ def test_a_bug_is_reported_as_a_bug(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ZeroDivisionError: division by zero - this is a bug in fedplatform")
     assert "--debug" in err and len(err.splitlines()) == 1
+
+
+def test_a_user_error_inside_an_actor_is_its_one_line_and_creates_no_run(finished, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    before = tree(finished)
+    monkeypatch.chdir(finished)
+    assert main(["run", Q, "--set", "runtime.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: runtime.device=cuda with num_gpus=0"), err
+    assert "Traceback" not in err and "\x1b[" not in err
+    assert tree(finished) == before

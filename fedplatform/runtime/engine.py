@@ -94,7 +94,13 @@ class _Pool:
                 f"{len(pending)} of {len(refs)} actors could not be started within {ACTOR_START_TIMEOUT_S:.0f} s; "
                 f"the Ray cluster has {ray.cluster_resources()} — lower runtime resources or add nodes"
             )
-        return ray.get(ready)
+        try:
+            return ray.get(ready)
+        except ray.exceptions.RayActorError as exc:  # an actor's own UserError: its one line, not Ray's dump
+            found = re.findall(r"UserError: (.+)", ANSI.sub("", str(exc)))
+            if found:
+                raise UserError(found[-1].strip()) from None
+            raise
 
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)
