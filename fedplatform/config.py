@@ -410,23 +410,25 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key fails in SafeLoader with its own message
+            if key in seen:
                 raise ConfigError(f"duplicate key {shorten(key, 60)} at line {key_node.start_mark.line + 1}; "
                                   "each key may appear once")
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
 def _expanded_size(obj: Any, memo: dict, active: set) -> int:
+    """Values in `obj` with every alias expanded (shared objects counted once per use)."""
     if not isinstance(obj, (dict, list)):
         return 1
     if id(obj) in active:
         raise ConfigError("a YAML alias refers to itself (a recursive structure); remove the recursion")
     if id(obj) not in memo:
         active.add(id(obj))
-        children = list(obj.items()) if isinstance(obj, dict) else obj
-        flat = [v for kv in children for v in (kv if isinstance(obj, dict) else (kv,))]
-        memo[id(obj)] = 1 + sum(_expanded_size(c, memo, active) for c in flat)
+        children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+        memo[id(obj)] = 1 + sum(_expanded_size(c, memo, active) for c in children)
         active.discard(id(obj))
         if memo[id(obj)] > MAX_YAML_NODES:
             raise ConfigError(f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases); "

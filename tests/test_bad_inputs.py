@@ -149,6 +149,7 @@ CASES = [
     ("run-directory-as-file", lambda i: ["run", str(i)], 2, "is a directory; give the YAML file itself"),
     ("run-missing-file", lambda i: ["run", str(i / "nope.yaml")], 2, "does not exist"),
     ("run-alias-bomb", lambda i: ["run", pipeline(i, alias_bomb())], 2, "expands to more than 100,000 values"),
+    ("run-recursive-alias", lambda i: ["run", pipeline(i, "name: &n [1, *n]\n")], 2, "refers to itself"),
     ("run-huge-file", lambda i: ["run", pipeline(i, "#" * (2 << 20))], 2, "bytes of YAML"),
     ("run-python-tag", lambda i: ["run", pipeline(i, f"name: !!python/object/apply:os.system ['touch {i}/x']\n")],
      2, "is not valid YAML at line 1"),
@@ -364,3 +365,25 @@ def test_a_user_error_inside_an_actor_is_its_one_line_and_creates_no_run(finishe
     assert len(errors) == 1 and errors[0].startswith("error: runtime.device=cuda with num_gpus=0"), err
     assert "Traceback" not in err and "\x1b[" not in err
     assert tree(finished) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda ro: ["run", Q, "--set", f"runtime.storage={ro}/runs"], "is not writable; run from a writable folder"),
+    (lambda ro: ["run", Q, "--tracking-uri", f"sqlite:///{ro}/mlflow.db"], "is not writable; run from a writable"),
+    (lambda ro: ["sweep", space(ro.parent, "space: {algorithm.lr: {grid: [0.1]}}\n"), "--set",
+                 f"runtime.storage={ro}"], "is not writable"),
+], ids=["run-storage", "run-tracking-folder", "sweep-storage"])
+def test_an_unwritable_folder_is_said_before_anything_starts(finished, tmp_path, monkeypatch, capsys, argv, message):
+    """Permission bits do not bind root (the test machines' user), so the folder reports itself
+    unwritable through os.access, which is what the checks ask."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    args = argv(read_only)
+    before = tree(finished, tmp_path)
+    monkeypatch.chdir(finished)
+    assert main(args) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert message in error and str(read_only) in error
+    assert tree(finished, tmp_path) == before
