@@ -334,9 +334,14 @@ def test_a_run_that_diverges_stops_with_the_client_and_round_and_keeps_the_last_
 
 
 def test_allow_nonfinite_trains_on(ray_session, tmp_path, monkeypatch, capsys):
+    from fedplatform.runtime.checkpoint import load
+
     monkeypatch.chdir(tmp_path)
     assert main(["run", Q, *sets("algorithm.lr=0.6", "rounds=2", "runtime.allow_nonfinite=true"),
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    [run_dir] = (tmp_path / "fedplatform_runs").iterdir()
+    ckpt, _ = load(run_dir)
+    assert ckpt.round == 2 and ckpt.history[-1]["train_loss"] != ckpt.history[-1]["train_loss"]  # nan, kept
 
 
 def test_a_bug_is_reported_as_a_bug(monkeypatch, capsys):
