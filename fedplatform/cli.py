@@ -11,12 +11,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
 
 from fedplatform import __version__
-from fedplatform.errors import RunFailed, RunInterrupted, UserError
+from fedplatform.errors import NonFinite, RunFailed, RunInterrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +75,8 @@ def cmd_data_describe(args) -> int:
     from fedplatform.data import prepare
 
     cfg = load_config(args.pipeline, args.overrides)
+    if args.plot:
+        _check_plot_path(args.plot)
     ds = prepare(cfg, rebuild=args.rebuild)
     desc = ds.describe()
     if args.plot:
@@ -86,6 +89,23 @@ def cmd_data_describe(args) -> int:
     else:
         _print_description(desc, ds)
     return 0
+
+
+def _check_plot_path(path: str) -> None:
+    """Before any work: the plot's folder exists and is writable, and matplotlib can write its suffix."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    p = Path(path)
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if p.suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"--plot {path!r}: unsupported image type {p.suffix or '(no suffix)'!r}; "
+                        f"use one of {', '.join('.' + f for f in formats)}")
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        what = "is a directory" if p.is_dir() else f"its folder '{folder}' does not exist or is not writable"
+        raise UserError(f"--plot {path!r}: {what}; give a file in an existing, writable folder")
 
 
 def _print_description(desc: dict, ds) -> None:
@@ -297,11 +317,12 @@ def cmd_cache_build(args) -> int:
     from fedplatform.config import load_config
     from fedplatform.data import prepare
     from fedplatform.errors import UserError
-    from fedplatform.experiment import ensure_ray
+    from fedplatform.experiment import check_ray_address, ensure_ray
     from fedplatform.models.clip import require_weights
     from fedplatform.models.feature_cache import build_feature_cache
 
     cfg = load_config(args.pipeline, args.overrides)
+    check_ray_address(args.ray_address)
     if cfg.clip.model is None:
         raise UserError(f"pipeline '{args.pipeline}' sets no clip.model; a feature cache needs one (e.g. ViT-B-32)")
     require_weights(cfg.clip.model, cfg.clip.pretrained)
@@ -340,6 +361,15 @@ def _setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message as one line, cut to `limit` characters (it may echo a user's value)."""
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())  # no terminal colour codes from Ray
+    return line if len(line) <= limit else f"{line[:limit]}... (message cut at {limit} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -350,12 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except RunFailed as exc:  # a client raised or a round timed out: show its own traceback
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc)) if isinstance(exc, NonFinite) else exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -363,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - anything else (a lost node, a bug): one line unless --debug
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
+        first = _one_line(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} - this is a bug in fedplatform; please report it on the "
+              "project's issue tracker with the output of the same command run with --debug", file=sys.stderr)
         return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

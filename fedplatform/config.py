@@ -21,7 +21,8 @@ class ConfigError(UserError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are never a meaningful setting: rejected in every float field
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -260,6 +261,9 @@ class RuntimeConfig(Section):
     (s3://bucket/prefix). On a multi-node cluster use shared storage, so any node and a new head
     can resume. Default: $FEDPLATFORM_STORAGE, else fedplatform_runs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_nonfinite: bool = False
+    """false: a client loss or model state that becomes inf/nan stops the run (exit 1, MLflow run
+    FAILED, the last good checkpoint kept); true: train on regardless."""
 
     @model_validator(mode="after")
     def _actors(self):
@@ -271,7 +275,7 @@ class RuntimeConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = "fedplatform"
+    experiment: str = Field("fedplatform", min_length=1, max_length=200, pattern=r"\S")
     """MLflow experiment name."""
     tracking_uri: str | None = None
     """Default: --tracking-uri, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
@@ -281,8 +285,9 @@ class TrackingConfig(Section):
 class ExperimentConfig(Section):
     """One federated experiment."""
 
-    name: str = "experiment"
-    seed: int = 7
+    name: str = Field("experiment", min_length=1, max_length=200)
+    seed: int = Field(7, ge=0, le=2**32 - 1)
+    """numpy's RandomState range."""
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -316,10 +321,14 @@ class ExperimentConfig(Section):
 
 def parse_value(text: str) -> Any:
     """Type a command-line value as YAML does: 3 -> int, 0.1 -> float, true -> bool, [1,2] -> list."""
+    if not text.strip():
+        return ""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError:
         return text
+    _expanded_size(value, {}, set())
+    return value
 
 
 def apply_override(raw: dict, dotted: str, value: Any) -> None:
@@ -364,7 +373,7 @@ def _error_line(err: dict) -> str:
         return f"algorithm.name={value.get('name')!r} is not a known algorithm; choose one of {', '.join(ALGORITHM_NAMES)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
-    shown = f"{value!r}" if not isinstance(value, dict) else "a section"
+    shown = shorten(value) if not isinstance(value, dict) else "a section"
     return f"{loc}={shown} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
 
 
@@ -382,24 +391,99 @@ def _allowed_keys(loc: str) -> list[str]:
 
 def validate(raw: dict) -> ExperimentConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"a pipeline must be a YAML mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"a pipeline must be a YAML mapping of sections, got {type(raw).__name__} {shorten(raw, 60)}")
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_error_line(exc.errors()[0])) from None
 
 
-def read_yaml(path: str | Path) -> dict:
+MAX_YAML_BYTES = 1 << 20
+"""Pipelines and search spaces are a few KB; anything over 1 MiB is not one."""
+MAX_YAML_NODES = 100_000
+"""Cap on values after alias expansion (a YAML 'billion laughs' expands to gigabytes)."""
+
+
+def shorten(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: an error echoes a value, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML (plain data only, never Python objects) that rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key fails in SafeLoader with its own message
+            if key in seen:
+                raise ConfigError(f"duplicate key {shorten(key, 60)} at line {key_node.start_mark.line + 1}; "
+                                  "each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(obj: Any, memo: dict, active: set) -> int:
+    """Values in `obj` with every alias expanded (shared objects counted once per use)."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in active:
+        raise ConfigError("a YAML alias refers to itself (a recursive structure); remove the recursion")
+    if id(obj) not in memo:
+        active.add(id(obj))
+        children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+        memo[id(obj)] = 1 + sum(_expanded_size(c, memo, active) for c in children)
+        active.discard(id(obj))
+        if memo[id(obj)] > MAX_YAML_NODES:
+            raise ConfigError(f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases); "
+                              "write the values out or use fewer aliases")
+    return memo[id(obj)]
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict:
+    """Read a small YAML mapping safely: a UserError (naming `what` and the file) for a missing,
+    unreadable, oversized, binary, empty or non-mapping file, duplicate keys or an alias bomb."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} '{path}' is a directory; give the YAML file itself")
     if not p.is_file():
-        raise ConfigError(f"pipeline file '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{what} '{path}' is {p.stat().st_size:,} bytes; a {what} is at most "
+                              f"{MAX_YAML_BYTES:,} bytes of YAML")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not a UTF-8 text file (binary?); give a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        _expanded_size(raw, {}, set())
+    except ConfigError as exc:
+        raise ConfigError(f"{what} '{path}': {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"pipeline file '{path}' is not valid YAML{where}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}' nests too deeply to be a {what}") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{what} '{path}' is empty; it must be a YAML mapping of sections "
+                          "(an empty pipeline would silently run all defaults)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} '{path}' must be a YAML mapping of sections (key: value), "
+                          f"got a {type(raw).__name__} {shorten(raw, 60)}")
     return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    return load_yaml_mapping(path, "pipeline file")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

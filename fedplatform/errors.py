@@ -16,3 +16,7 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_id: str):
         super().__init__(run_id)
         self.run_id = run_id
+
+
+class NonFinite(RunFailed):
+    """A client's loss or the model state became inf/nan (runtime.allow_nonfinite=false)."""

@@ -22,7 +22,7 @@ from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
 from fedplatform.runtime.engine import Engine, summarize
 from fedplatform.runtime.replicate import PreparedData, publish_location
-from fedplatform.tracking.mlflow_run import Tracker, git_commit, resolve_uri
+from fedplatform.tracking.mlflow_run import Tracker, check_tracking_uri, git_commit, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,37 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
+RAY_CONNECT_TIMEOUT_S = 5.0
+"""How long `--ray-address host:port` may take to accept a TCP connection (Ray itself retries for minutes)."""
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail in seconds, with one line, when nothing listens at an explicit host:port (checked
+    first, before data, MLflow or a run directory are touched)."""
+    import socket
+
+    if not address:
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep:
+        return
+    if not port.isdigit() or not host:
+        raise UserError(f"--ray-address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--ray-address {address}: nothing accepts connections there within "
+                        f"{RAY_CONNECT_TIMEOUT_S:g} s ({getattr(exc, 'strerror', None) or exc}); start the "
+                        "cluster (ray start --head) or fix the address") from None
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to `address`, else to $RAY_ADDRESS (set by `ray job submit`, or `auto` on a cluster
     head), else start a local Ray of our own: never latch onto whichever cluster was last started
     on this machine, as a bare `ray.init()` would."""
     if ray.is_initialized():
         return
+    check_ray_address(address)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
@@ -80,12 +105,17 @@ def run_experiment(
 
     from fedplatform.algorithms import get_algorithm
 
+    if resume is not None and not resume.strip():
+        raise UserError("--resume needs a run id or a run directory, got an empty value")
+    check_ray_address(ray_address)
     storage.check_writable(cfg.runtime.storage)
-    resumed = _resume_target(cfg, resume) if resume else None
+    resumed = _resume_target(cfg, resume) if resume is not None else None
+    uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
+    check_tracking_uri(uri)  # creates nothing, unlike the Tracker (an SQLite file)
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
     ds = prepare(cfg)
-    tracker = Tracker(resolve_uri(tracking_uri, cfg.tracking.tracking_uri), storage=cfg.runtime.storage)
+    tracker = Tracker(uri, storage=cfg.runtime.storage)
     ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
     prepared = algorithm.prepare(cfg, ds)
     engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)), cfg.runtime.num_client_actors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from pathlib import Path
 from functools import lru_cache
 
 import pyarrow.fs as pafs
@@ -110,10 +111,19 @@ def delete(location: str) -> None:
 
 
 def check_writable(location: str) -> None:
-    """One clear error before anything starts when an object-store URI is unusable (unknown scheme,
-    missing bucket, no credentials, endpoint down): write and delete a small probe object there.
-    A local path is left alone (nothing is created before a run starts)."""
+    """One clear error before anything starts when `location` cannot take checkpoints: a local path
+    must be (or be creatable in) a writable folder — checked without creating anything; an
+    object-store URI (unknown scheme, missing bucket, no credentials, endpoint down) gets a small
+    probe object written and deleted."""
     if not is_uri(location):
+        path = Path(location.removeprefix("file://")).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"runtime.storage={location!r}: '{existing}' is a file, not a folder; "
+                            "set runtime.storage to a writable folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"runtime.storage={location!r}: '{existing}' is not writable; run from a writable "
+                            "folder or set runtime.storage to one")
         return
     resolve(location)  # an unknown scheme: its own error, naming `location`
     probe = join(location, f".fedplatform-probe-{os.getpid()}")

@@ -8,7 +8,7 @@ from fedplatform.errors import UserError
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
-def error_of(tmp_path, text="", overrides=()):
+def error_of(tmp_path, text="name: test\n", overrides=()):
     f = tmp_path / "p.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError) as err:
@@ -88,3 +88,16 @@ def test_pipelines_carry_the_reference_settings():
     pacs = load_config(PIPELINES / "fedclip_pacs.yaml")
     assert (pacs.seed, pacs.data.test_domain, pacs.partition.num_clients, pacs.partition.split_fractions) == \
         (0, "art_painting", 3, (0.6, 0.2, 0.2))
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("algorithm:\n  <<: {lr: 0.2, local_epochs: 1}\n"
+                 "  lr: 0.3\nrounds: &r 3\nclients_per_round: *r\n")
+    cfg = load_config(f)
+    assert (cfg.algorithm.lr, cfg.algorithm.local_epochs, cfg.rounds, cfg.clients_per_round) == (0.3, 1, 3, 3)
+
+
+def test_a_duplicate_key_in_a_set_value_is_an_error():
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        parse_value("{a: 1, a: 2}")

@@ -107,6 +107,52 @@ def load_source(cfg: DataConfig) -> SourceData:
 # ---------------------------------------------------------------------------- helpers
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR pickles hold: dicts, lists, str/bytes, ints and numpy
+    arrays. Any other global (os.system, builtins.eval, ...) is refused before it can run, so a
+    crafted file in data.root cannot execute code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise _Refused(f"it refers to {module}.{name}, which a CIFAR file never contains")
+        import importlib
+
+        return getattr(importlib.import_module(target[0]), target[1])
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """One official CIFAR python file, through the restricted unpickler; a UserError for anything
+    that is not a well-formed CIFAR dict (crafted, corrupt or truncated)."""
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as exc:
+        raise UserError(f"{path} is not an official CIFAR file and was not loaded: {exc}; replace it with the "
+                        "file from the official archive") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OSError) as exc:
+        raise UserError(f"{path} is corrupt or truncated ({type(exc).__name__}); replace it with the file from "
+                        "the official archive") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not the dict of an official CIFAR file; replace it "
+                        "with the file from the official archive")
+    return obj
+
+
 def _stat(path: Path) -> dict:
     st = path.stat()
     out = {"path": str(path), "mtime_ns": st.st_mtime_ns}
@@ -117,10 +163,23 @@ def _stat(path: Path) -> dict:
     return out
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz", ".gz")
+
+
+def _check_not_archive(cfg: DataConfig, root: Path) -> None:
+    """data.root naming a downloaded archive: say to extract it (not 'no data under it')."""
+    if root.is_file() and root.name.lower().endswith(ARCHIVE_SUFFIXES):
+        how = (f"unzip {root} -d {root.parent}" if root.name.lower().endswith(".zip")
+               else f"tar -xf {root} -C {root.parent}")
+        raise UserError(f"data.root={cfg.root!r} is an archive, not a folder; extract it first ({how}) and set "
+                        "data.root to the extracted folder")
+
+
 def _require_root(cfg: DataConfig, what: str) -> Path:
     if cfg.root is None:
         raise UserError(f"data.root is required for data.dataset={cfg.dataset}: set it to the folder holding {what}")
     root = Path(cfg.root).expanduser().resolve()
+    _check_not_archive(cfg, root)
     if not root.is_dir():
         raise UserError(f"data.root={cfg.root!r} is not a directory ({root}); it must hold {what}")
     return root
@@ -158,8 +217,9 @@ def decode_images(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
                         )
                     # tobytes + frombuffer is about twice as fast as np.asarray(im) for tiny images
                     out[i] = np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(shape)
-            except OSError as exc:
-                raise UserError(f"cannot read image {paths[i]}: {exc}") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise UserError(f"cannot read image {paths[i]} ({type(exc).__name__}: {exc}); remove or "
+                                "replace it") from None
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(work, range(0, len(paths), 512)))
@@ -233,6 +293,7 @@ class _Cifar(Source):
         if cfg.root is None:
             raise UserError(f"data.root is required for data.dataset={cfg.dataset}: the folder holding {layouts}")
         self.root = Path(cfg.root).expanduser().resolve()
+        _check_not_archive(cfg, self.root)
         found = self._find()
         if found is None and cfg.download:
             self._download()
@@ -306,13 +367,34 @@ class _Cifar(Source):
         return SourceData(class_names, [], train, test, CIFAR_MEAN, CIFAR_STD, self.identity())
 
     def _read_pickle(self, name: str) -> dict:
-        with open(self.dir / name, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+        return read_cifar_pickle(self.dir / name)
 
-    def _split(self, batches: list[dict], label_key: bytes) -> SplitData:
-        pixels = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        return SplitData(labels, np.zeros(len(labels), np.int16), pixels=np.ascontiguousarray(pixels))
+    def _names(self, name: str, key: bytes) -> list[str]:
+        names = self._read_pickle(name).get(key)
+        if not isinstance(names, list) or len(names) != self.num_classes or not all(
+                isinstance(n, (bytes, str)) for n in names):
+            raise UserError(f"{self.dir / name} lacks the {self.num_classes} class names of {self.title} under "
+                            f"{key.decode()}; replace it with the file from the official archive")
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+    def _split(self, names: list[str], label_key: bytes) -> SplitData:
+        pixels, labels = [], []
+        for name in names:
+            b = self._read_pickle(name)
+            data, y = b.get(b"data"), b.get(label_key)
+            ok = (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                  and data.shape[1] == 3 * 32 * 32 and isinstance(y, list) and len(y) == len(data)
+                  and all(isinstance(v, int) for v in y))
+            y = np.asarray(y, dtype=np.int64) if ok else None
+            if not ok or (len(y) and not (0 <= y.min() and y.max() < self.num_classes)):
+                raise UserError(f"{self.dir / name} is not an official {self.title} batch (uint8 data [N, 3072] "
+                                f"and N labels 0..{self.num_classes - 1} under {label_key.decode()}); replace it "
+                                "with the file from the official archive")
+            pixels.append(data)
+            labels.append(y)
+        x = np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.concatenate(labels)
+        return SplitData(y, np.zeros(len(y), np.int16), pixels=np.ascontiguousarray(x))
 
     def _load_folders(self) -> tuple[list[str], SplitData, SplitData]:
         class_names = _subdirs(self.dir / "train")
@@ -321,6 +403,9 @@ class _Cifar(Source):
             paths, labels = [], []
             for c, name in enumerate(class_names):
                 files = _image_files(self.dir / split / name)
+                if not files:
+                    raise UserError(f"class folder {self.dir / split / name} has no image files "
+                                    f"({', '.join(IMG_EXTENSIONS)}); every class needs images in train/ and test/")
                 paths += files
                 labels += [c] * len(files)
             log.info("decoding %d %s images from %s", len(paths), split, self.dir / split)
@@ -340,9 +425,9 @@ class Cifar10(_Cifar):
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
     def _load_pickles(self):
-        names = [n.decode() for n in self._read_pickle("batches.meta")[b"label_names"]]
-        train = self._split([self._read_pickle(f"data_batch_{i}") for i in range(1, 6)], b"labels")
-        return names, train, self._split([self._read_pickle("test_batch")], b"labels")
+        names = self._names("batches.meta", b"label_names")
+        train = self._split([f"data_batch_{i}" for i in range(1, 6)], b"labels")
+        return names, train, self._split(["test_batch"], b"labels")
 
 
 @register_source("cifar100")
@@ -356,9 +441,9 @@ class Cifar100(_Cifar):
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
     def _load_pickles(self):
-        names = [n.decode() for n in self._read_pickle("meta")[b"fine_label_names"]]
-        train = self._split([self._read_pickle("train")], b"fine_labels")
-        return names, train, self._split([self._read_pickle("test")], b"fine_labels")
+        names = self._names("meta", b"fine_label_names")
+        train = self._split(["train"], b"fine_labels")
+        return names, train, self._split(["test"], b"fine_labels")
 
 
 @register_source("imagefolder_domains")
@@ -430,7 +515,12 @@ class ImageNetLT(Source):
 
     def _read_list(self, name: str) -> tuple[list[str], np.ndarray]:
         paths, labels = [], []
-        for n, line in enumerate((self.root / name).read_text().splitlines(), 1):
+        try:
+            text = (self.root / name).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.root / name} cannot be read as a text list ({type(exc).__name__}); it needs "
+                            "lines 'relative/path label'") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
@@ -442,6 +532,9 @@ class ImageNetLT(Source):
 
     def load(self) -> SourceData:
         (train_paths, train_labels), (test_paths, test_labels) = map(self._read_list, self.lists)
+        for name, labels in zip(self.lists, (train_labels, test_labels)):
+            if not len(labels):
+                raise UserError(f"{self.root / name} lists no images; it needs lines 'relative/path label'")
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
         names_file = self.root / "classnames.txt"
         if names_file.is_file():

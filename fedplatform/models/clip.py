@@ -19,6 +19,7 @@ import socket
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -150,8 +151,20 @@ def require_weights(model: str, pretrained: str | None) -> None:
         return
     if is_checkpoint_path(pretrained):
         weights_identity(model, pretrained)
+        st = os.stat(pretrained)
+        _check_checkpoint(model, os.path.realpath(pretrained), st.st_size, st.st_mtime_ns)
     else:
         _locate_tag(model, pretrained)
+
+
+@lru_cache(maxsize=8)
+def _check_checkpoint(model: str, path: str, size: int, mtime_ns: int) -> None:
+    """Load a local checkpoint into the model once on the driver (cached per file version): an
+    unreadable or mismatched file is a UserError here, not an actor dying later."""
+    if not os.access(path, os.R_OK):
+        raise UserError(f"clip.pretrained={path!r} is not readable (permissions); make it readable or use another file")
+    clip, _ = _create(model, None, torch.device("cpu"), "fp32")
+    _load_checkpoint(clip, path, model)
 
 
 def _locate_tag(model: str, tag: str) -> bool:

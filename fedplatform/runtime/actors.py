@@ -55,6 +55,17 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def nonfinite(tensors: dict[str, torch.Tensor], metrics: dict | None = None) -> str | None:
+    """What is inf/nan among a loss and floating tensors ("training loss is nan", ...), or None."""
+    for key, value in (metrics or {}).items():
+        if isinstance(value, float) and not np.isfinite(value):
+            return f"its {key.replace('_', ' ')} is {value}"
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"'{key}' has inf/nan values"
+    return None
+
+
 def to_wire(tensors: dict[str, torch.Tensor]) -> dict:
     """Tensors as numpy arrays for the object store: Ray moves those zero-copy, while pickling
     torch tensors costs ~40 ms per ResNet-8 state (measured: 43 ms vs 6 ms put+get)."""
@@ -130,10 +141,11 @@ class ClientActor(_Worker):
         update = self.algo.client_update(from_wire(payload), data, gen)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        bad = None if self.cfg.runtime.allow_nonfinite else nonfinite(update.tensors, update.metrics)
         update.tensors = to_wire(update.tensors)
         status = {"client_id": client_id, "num_samples": update.num_samples, "metrics": update.metrics,
                   "compute_s": time.perf_counter() - start, "bytes_up": state_bytes(update.tensors),
-                  "rss_mb": rss_mb()}
+                  "rss_mb": rss_mb(), "nonfinite": bad}
         return status, update
 
 
@@ -173,6 +185,9 @@ class ServerActor(_Worker):
         if self._client_splits:
             metrics.update(self.algo.evaluate_clients(self.state, self._client_splits))
         return metrics, time.perf_counter() - start
+
+    def nonfinite_state(self) -> str | None:
+        return nonfinite(self.state)
 
     def get_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state.items()}

@@ -17,7 +17,7 @@ from collections import deque
 import ray
 
 from fedplatform.config import ExperimentConfig
-from fedplatform.errors import RunFailed, UserError
+from fedplatform.errors import NonFinite, RunFailed, UserError
 from fedplatform.runtime.actors import ClientActor, ServerActor
 from fedplatform.runtime.replicate import PreparedData
 from fedplatform.runtime.resources import Cluster, bundle, check_fits_a_node, client_pool_size, release_request, \
@@ -95,7 +95,13 @@ class _Pool:
                 f"{len(pending)} of {len(refs)} actors could not be started within {ACTOR_START_TIMEOUT_S:.0f} s; "
                 f"the Ray cluster has {ray.cluster_resources()} — lower runtime resources or add nodes"
             )
-        return ray.get(ready)
+        try:
+            return ray.get(ready)
+        except ray.exceptions.RayActorError as exc:  # an actor's own UserError: its one line, not Ray's dump
+            found = re.findall(r"UserError: (.+)", ANSI.sub("", str(exc)))
+            if found:
+                raise UserError(found[-1].strip()) from None
+            raise
 
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)
@@ -190,7 +196,10 @@ class Engine:
                     durations.append(status["compute_s"])
                 idle.append(i)
         order = sorted(done)
+        self._check_finite(round, [(f"client {c}", done[c][0].get("nonfinite")) for c in order])
         server_s, server_rss = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
+        if not cfg.runtime.allow_nonfinite:
+            self._check_finite(round, [("the aggregated server state", ray.get(self.server.nonfinite_state.remote()))])
         row: dict = {"round": round, "clients": list(clients)}
         if evaluate:
             metrics, eval_s = ray.get(self.server.evaluate.remote())
@@ -215,6 +224,13 @@ class Engine:
             "memory/server_rss_mb": server_rss,
         })
         return row
+
+    def _check_finite(self, round: int, found: list[tuple[str, str | None]]) -> None:
+        """Stop at the first inf/nan (lowest client id first) before it reaches a checkpoint."""
+        for who, what in found:
+            if what:
+                raise NonFinite(f"{who} diverged in round {round}: {what}; the run stopped and keeps its last good "
+                                "checkpoint. Lower the learning rate, or set runtime.allow_nonfinite=true to train on")
 
     def state(self) -> dict:
         return ray.get(self.server.get_state.remote())

@@ -31,17 +31,49 @@ def absolute_uri(uri: str) -> str:
     """sqlite:///relative.db -> sqlite:////abs/relative.db: trial workers run in other directories."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if uri.startswith("file:") or "://" not in uri:
+    if uri.startswith("file:"):
         local = uri.removeprefix("file://").removeprefix("file:")
         return "file://" + str(Path(local).resolve())
     return uri
 
 
-def _check_reachable(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        parent = Path(uri.removeprefix("sqlite:///")).resolve().parent
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+"""MLflow tracking stores fedplatform accepts (a URI without a scheme is rejected: a typo would
+silently become a file store)."""
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A known scheme; a local SQLite file that is a database in a writable folder; a server that
+    answers within seconds. Creates nothing."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        what = f"unknown scheme '{scheme}'" if scheme else "no scheme"
+        raise UserError(f"tracking URI {uri[:200]!r} has {what}; use sqlite:///path/mlflow.db, file:///folder, "
+                        f"http(s)://host:port or another of: {', '.join(TRACKING_SCHEMES)}")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            raise UserError(f"tracking URI {uri!r} names no database file; use sqlite:///path/mlflow.db")
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        parent = db.parent
         if not parent.is_dir():
             raise UserError(f"tracking URI '{uri}': directory '{parent}' does not exist; create it or use another --tracking-uri")
+        if db.is_dir():
+            raise UserError(f"tracking URI '{uri}': '{db}' is a directory; name a database file such as {db}/mlflow.db")
+        if db.exists():
+            try:
+                with open(db, "rb") as f:
+                    head = f.read(len(SQLITE_HEADER))
+            except OSError as exc:
+                raise UserError(f"tracking URI '{uri}': '{db}' cannot be read ({exc.strerror})") from None
+            if head and head != SQLITE_HEADER:
+                raise UserError(f"tracking URI '{uri}': '{db}' is not an SQLite database; point it at an MLflow "
+                                "database or at a new file name")
+            if not os.access(db, os.W_OK):
+                raise UserError(f"tracking URI '{uri}': '{db}' is not writable")
+        elif not os.access(parent, os.W_OK):
+            raise UserError(f"tracking URI '{uri}': directory '{parent}' is not writable; run from a writable "
+                            "folder or pass --tracking-uri sqlite:////writable/path/mlflow.db")
         return
     if uri.startswith(("http://", "https://")):
         # Fail in seconds, not after MLflow's default minutes of retries.
@@ -82,7 +114,7 @@ class Tracker:
     decides where a new experiment keeps its artifacts (see `artifact_location`)."""
 
     def __init__(self, uri: str, storage: str | None = None):
-        _check_reachable(uri)
+        check_tracking_uri(uri)
         from mlflow.tracking import MlflowClient
 
         self.uri = uri

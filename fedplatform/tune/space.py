@@ -8,12 +8,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedplatform import storage
 from fedplatform.config import ConfigError, ExperimentConfig, apply_override, default_storage, flatten, \
-    parse_overrides, read_yaml, validate
+    load_yaml_mapping, parse_overrides, read_yaml, shorten, validate
 from fedplatform.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -22,8 +21,18 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 PATH_KEYS = ("data.root", "data.cache_dir", "runtime.storage")
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+"""A sweep name becomes a folder name: letters, digits, '_', '.', '-', at most 100, no separators or '..'."""
+REPORTED_METRICS = ("accuracy", "loss", "many_shot_acc", "medium_shot_acc", "few_shot_acc", "train_loss",
+                    "val_accuracy", "in_federation_acc", "val_gate_entropy", "gate_entropy", "adapter_weight_norm",
+                    "federated_feature_norm", "round")
+"""What a round reports to Tune (algorithm-dependent ones included); also any time/, comm/, memory/,
+domain/ or fedavg_head_ metric."""
+REPORTED_PREFIXES = ("time/", "comm/", "memory/", "domain/", "fedavg_head_")
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Distribution(_Spec):
@@ -49,6 +58,8 @@ class Distribution(_Spec):
             raise ValueError(f"{kind}: [lo, hi] needs lo < hi, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
             raise ValueError(f"loguniform: lo must be > 0, got {value[0]}")
+        if kind in ("grid", "choice") and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{kind}: values must be finite numbers, got {value}")
         return self
 
     @property
@@ -60,6 +71,8 @@ class Distribution(_Spec):
         v = getattr(self, self.kind)
         if self.kind == "randint":
             return [v[0], v[1] - 1]
+        if self.kind in ("uniform", "loguniform"):  # and a fractional draw: an integer key takes none
+            return [float(v[0]), math.nextafter(float(v[0]), v[1]), float(v[1])]
         return list(v)
 
     def to_tune(self):
@@ -81,8 +94,9 @@ class SchedulerSpec(_Spec):
 class SweepSpec(_Spec):
     """A search-space file (tune_spaces/*.yaml)."""
 
-    name: str | None = None
-    """Sweep name (MLflow parent run, Tune experiment dir); default: the file's stem."""
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    """Sweep name (MLflow parent run, Tune experiment dir); default: the file's stem. Letters,
+    digits, '_', '.', '-' (it becomes a folder name)."""
     base: str
     """Pipeline YAML, relative to the space file."""
     set: dict[str, Any] = {}
@@ -99,13 +113,16 @@ class SweepSpec(_Spec):
     """Restarts of a failed trial, each from its last round's checkpoint."""
     metric: str = "accuracy"
     mode: Literal["max", "min"] = "max"
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     """Searcher seed (optuna; basic random draws)."""
 
     @model_validator(mode="after")
     def _checks(self):
         if not self.space:
             raise ValueError("space is empty; give at least one dotted config key with a distribution")
+        if self.metric not in REPORTED_METRICS and not self.metric.startswith(REPORTED_PREFIXES):
+            raise ValueError(f"metric={shorten(self.metric, 60)} is not a metric the runs report; use one of "
+                             f"{', '.join(REPORTED_METRICS)} (or a time/, comm/, memory/, domain/ metric)")
         if isinstance(self.max_concurrent_trials, int) and self.max_concurrent_trials < 1:
             raise ValueError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 or 'auto'")
         if self.searcher == "optuna":
@@ -126,21 +143,17 @@ def _spec_error(path: Path, err: dict) -> str:
     if err["type"] == "missing":
         return f"{path}: '{loc}' is required"
     msg = err["msg"].removeprefix("Value error, ")
+    if loc == "name" and err["type"] == "string_pattern_mismatch":
+        return (f"{path}: name={shorten(err.get('input'), 60)} cannot be a folder name; use letters, digits, "
+                "'_', '.' and '-' (at most 100, starting with a letter or digit; no '/' or '..')")
     if loc and not isinstance(err.get("input"), (dict, list)):
-        return f"{path}: {loc}={err.get('input')!r} is invalid: {msg[0].lower()}{msg[1:]}"
+        return f"{path}: {loc}={shorten(err.get('input'))} is invalid: {msg[0].lower()}{msg[1:]}"
     return f"{path}: {loc + ': ' if loc else ''}{msg}"
 
 
 def load_spec(space_path: str | Path) -> SweepSpec:
     path = Path(space_path)
-    if not path.is_file():
-        raise ConfigError(f"search-space file '{space_path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"search-space file '{space_path}' is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"search-space file '{space_path}' must be a YAML mapping")
+    raw = load_yaml_mapping(path, "search-space file")
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:

@@ -25,7 +25,7 @@ from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yam
 from fedplatform.errors import RunFailed, UserError
 from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
 from fedplatform.tune.resources import check_trial_fits, concurrent_trials, placement_group_factory, trial_bundles
-from fedplatform.tune.space import SweepSpec, build_base, check_space, check_trial_inputs, load_spec
+from fedplatform.tune.space import NAME_PATTERN, SweepSpec, build_base, check_space, check_trial_inputs, load_spec
 from fedplatform.tune.summary import SweepResult, summarize
 from fedplatform.tune.trial import run_trial
 
@@ -57,6 +57,9 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
             raise UserError(f"{space_path}: searcher: optuna needs the optuna package; install it with "
                             "pip install 'fedplatform[optuna]', or use searcher: basic") from None
     name = spec.name or space_path.stem
+    if not re.match(NAME_PATTERN, name):
+        raise UserError(f"sweep name {name!r} (the file's stem) cannot be a folder name; set name: with letters, "
+                        "digits, '_', '.' and '-' in the space file")
     base, cfg = build_base(spec, space_path, list(overrides))
     check_trial_inputs([cfg, *check_space(spec, base, space_path)], space_path)
     uri = absolute_uri(resolve_uri(tracking_uri, cfg.tracking.tracking_uri))
