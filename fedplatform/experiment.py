@@ -76,8 +76,8 @@ def ensure_ray(address: str | None = None) -> None:
         raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
 
 
-def _resume_target(cfg: ExperimentConfig, resume: str) -> tuple[str, Checkpoint, dict]:
-    run_dir = ckpt_io.find_run_dir(cfg.runtime.storage, resume)
+def _resume_target(cfg: ExperimentConfig, resume: str, runs: str) -> tuple[str, Checkpoint, dict]:
+    run_dir = ckpt_io.find_run_dir(runs, resume)
     ckpt, state = ckpt_io.load(run_dir)
     changed = [k for k in ckpt_io.config_differences(ckpt.config, cfg.model_dump(mode="json"))
                if not k.startswith(RESUMABLE_CHANGES)]
@@ -99,8 +99,11 @@ def run_experiment(
     on_round: Callable[[dict, str], None] | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    runs_under: str | None = None,
 ) -> RunResult:
-    """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary."""
+    """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary.
+    The run directory is `<runs_under>/<MLflow run id>`, by default under runtime.storage (a sweep
+    trial passes its own folder there)."""
     from fedplatform.data import prepare
 
     from fedplatform.algorithms import get_algorithm
@@ -109,7 +112,8 @@ def run_experiment(
         raise UserError("--resume needs a run id or a run directory, got an empty value")
     check_ray_address(ray_address)
     storage.check_writable(cfg.runtime.storage)
-    resumed = _resume_target(cfg, resume) if resume is not None else None
+    runs = runs_under or cfg.runtime.storage
+    resumed = _resume_target(cfg, resume, runs) if resume is not None else None
     uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
     check_tracking_uri(uri)  # creates nothing, unlike the Tracker (an SQLite file)
     algorithm = get_algorithm(cfg.algorithm.name)
@@ -130,7 +134,7 @@ def run_experiment(
     else:
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
                       flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
-        run_dir, start_round = storage.join(cfg.runtime.storage, tracker.run_id), 1
+        run_dir, start_round = storage.join(runs, tracker.run_id), 1
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)

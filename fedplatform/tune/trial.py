@@ -84,8 +84,9 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     raw = copy.deepcopy(base)
     for key in keys:
         apply_override(raw, key, config[key])
+    # The trial's runs live under <storage>/<trial id>; runtime.storage itself stays the sweep's,
+    # so data published to <storage>/data serve every trial.
     runs_dir = storage.join(flatten(raw)["runtime.storage"], trial_id)
-    apply_override(raw, "runtime.storage", runs_dir)
     apply_override(raw, "tracking.run_name", f"{sweep} {trial_id} {_trial_name(config, keys)}".strip())
     cfg = validate(raw)
 
@@ -112,6 +113,6 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
         if row["round"] < cfg.rounds:
             report(row, run_dir)
 
-    result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume,
-                            parent_run_id=parent_run_id, on_round=on_round, progress=False)
+    result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
+                            on_round=on_round, progress=False, runs_under=runs_dir)
     report(result.history[-1], result.run_dir)
