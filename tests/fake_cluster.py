@@ -133,3 +133,14 @@ def fake_cluster(tmp: Path, head_cpus: float = 2, worker_types: dict | None = No
         yield cluster
     finally:
         cluster.stop()
+
+
+def run_cluster_script(code: str, *args: str, timeout: float) -> dict:
+    """Run `code` in a fresh Python (a cluster of its own, beside the session's Ray) and return the
+    JSON object it printed on its `RESULT ` line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))

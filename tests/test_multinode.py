@@ -2,13 +2,11 @@
 cluster needs its own Ray, so it runs in a subprocess beside the session Ray."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from fake_cluster import run_cluster_script
 
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
@@ -68,12 +66,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp)], capture_output=True, text=True,
-                          timeout=240, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_cluster_script(SCRIPT, str(tmp), timeout=240)
 
 
 def test_simulated_cluster_has_two_nodes(multinode):

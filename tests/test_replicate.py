@@ -3,7 +3,6 @@ Ray, or from shared storage the driver published them to."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -16,6 +15,8 @@ import time
 import numpy as np
 import pytest
 import ray
+
+from fake_cluster import run_cluster_script
 
 from fedplatform import storage
 from fedplatform.config import validate
@@ -337,13 +338,8 @@ CLUSTER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fanout")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     tests = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", CLUSTER, str(tmp), tests], capture_output=True, text=True,
-                          timeout=300, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return str(tmp), json.loads(lines[-1].removeprefix("RESULT "))
+    return str(tmp), run_cluster_script(CLUSTER, str(tmp), tests, timeout=300)
 
 
 def copies_per_node(actors: list[dict], name: str) -> dict[str, int]:
