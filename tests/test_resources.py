@@ -50,8 +50,8 @@ def test_auto_pool_on_an_autoscaling_cluster_is_sized_from_its_node_types_not_fr
 def test_auto_pool_on_a_fixed_cluster_without_gpus_is_a_clear_error():
     rt = gpu_cfg().runtime
     with pytest.raises(UserError, match=r"runtime.client_resources \(num_cpus=1, num_gpus=0.25\) cannot be placed "
-                                        r"beside the server \(num_cpus=1, num_gpus=0\) in the Ray cluster \(8 CPUs, "
-                                        r"0 GPUs in total; 8 CPUs, 0 GPUs free\)"):
+                                        r"beside the server \(num_cpus=1, num_gpus=0\): the Ray cluster has 8 CPUs, "
+                                        r"0 GPUs; lower the per-client request"):
         client_pool_size("auto", rt.client_resources, rt.server_resources, 8, fixed(8))
 
 

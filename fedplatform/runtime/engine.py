@@ -140,15 +140,16 @@ class Engine:
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round, cluster)
             requested = wait_for_resources([bundle(rt.server_resources)] + [bundle(rt.client_resources)] * n, cluster,
                                rt.wait_for_resources_s, f"the server and {n} client actor{'s' * (n > 1)}")
-        # Server and client actors start together; the pool waits for its own, then the server.
+        # The server first: an actor that cannot start (a bad device, say) fails there alone, with
+        # its one error, before any client actor adds the same failure to the output.
         self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
                                           num_gpus=rt.server_resources.num_gpus,
                                           **_server_bundle()).remote(
             *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
         try:
+            _Pool.wait_ready([self.server])
             self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                               rt.client_resources)
-            _Pool.wait_ready([self.server])
         except BaseException:
             ray.kill(self.server, no_restart=True)
             raise

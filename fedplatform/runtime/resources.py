@@ -177,29 +177,25 @@ def check_fits_a_node(res: Resources, name: str, cluster: Cluster) -> None:
 def client_pool_size(requested: int | str, client: Resources, server: Resources, clients_per_round: int,
                      cluster: Cluster | None = None) -> int:
     """Number of client actors: `requested`, or for 'auto' as many as fit beside the server, capped
-    by clients_per_round. In a placement group: from its bundles. On an autoscaling cluster: from
-    what it can grow to (its node types), else from what is free now."""
+    by clients_per_round. In a placement group: from its bundles; elsewhere from what the cluster
+    has (a fixed one; actors busy elsewhere are waited for) or can grow to (an autoscaling one)."""
     pg = ray.util.get_current_placement_group()
-    c = bundle(client)
+    c, s = bundle(client), bundle(server)
     if pg is not None:
         bundles = pg.bundle_specs[1:]
         fit = sum(_holds(b, c) for b in bundles)
-        where = f"the trial's placement group ({len(bundles)} client bundles of {bundles[0] if bundles else {}})"
+        where = f"the trial's placement group has {len(bundles)} client bundles of {bundles[0] if bundles else {}}"
     else:
         cluster = cluster or Cluster.observe()
-        if cluster.autoscaling and cluster.node_types is None:
-            if requested != "auto":
-                return int(requested)  # what it can grow to is unknown here: the wait for resources tells
-            if count({k: cluster.available.get(k, 0.0) - bundle(server)[k] for k in KINDS}, c) < 1:
-                raise UserError(
-                    f"runtime.num_client_actors=auto cannot be sized: {cluster.describe()}, and no client actor "
-                    f"({describe(client)}) fits in what is up now; set runtime.num_client_actors to a number, or "
-                    f"point ${CLUSTER_CONFIG_ENV} at the cluster's launcher YAML")
-        base = cluster.most if cluster.autoscaling else cluster.available
-        room = {k: base.get(k, 0.0) - bundle(server)[k] for k in KINDS}
-        fit = count(room, c) if cluster.can_ever_hold(c) else 0
-        where = cluster.describe() if cluster.autoscaling else (
-            f"the Ray cluster ({_show(cluster.total)} in total; {_show(cluster.available)} free)")
+        if cluster.autoscaling and cluster.node_types is None and requested != "auto":
+            return int(requested)  # what it can grow to is unknown here: the wait for resources tells
+        fit = count({k: cluster.most.get(k, 0.0) - s[k] for k in KINDS}, c) if cluster.can_ever_hold(c) else 0
+        where = cluster.describe()
+        if cluster.autoscaling and cluster.node_types is None and fit < 1:
+            raise UserError(f"runtime.num_client_actors=auto cannot be sized: {where}, and no client actor "
+                            f"({describe(client)}) fits beside the server in what is up now; set "
+                            f"runtime.num_client_actors to a number, or point ${CLUSTER_CONFIG_ENV} at the "
+                            "cluster's launcher YAML")
     if requested == "auto":
         n = int(min(fit, clients_per_round))
     else:
@@ -207,12 +203,12 @@ def client_pool_size(requested: int | str, client: Resources, server: Resources,
         if n > fit:
             raise UserError(
                 f"runtime.num_client_actors={n} with client_resources ({describe(client)}) does not fit beside "
-                f"the server ({describe(server)}) in {where}: at most {int(fit) if fit != math.inf else n} fit"
+                f"the server ({describe(server)}): {where}, so at most {int(fit) if fit != math.inf else n} fit"
             )
     if n < 1:
         raise UserError(
             f"runtime.client_resources ({describe(client)}) cannot be placed beside the server "
-            f"({describe(server)}) in {where}; lower the per-client request or add resources"
+            f"({describe(server)}): {where}; lower the per-client request or add resources"
         )
     return n
 
