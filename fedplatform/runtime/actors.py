@@ -20,8 +20,8 @@ from fedplatform.errors import UserError
 from fedplatform.runtime.replicate import PreparedData
 
 # Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang", ...}
-# makes the actor die (once, guarded by the file named by "marker"), raise, or stall for "seconds"
-# when it runs that client.
+# (or a list of such faults) makes the actor die (once, guarded by the file named by "marker"),
+# raise, or stall for "seconds" when it runs that client.
 FAULT_ENV = "FEDPLATFORM_FAULT_FILE"
 
 
@@ -104,9 +104,13 @@ def _maybe_inject_fault(round: int, client_id: int) -> None:
     if not path or not os.path.exists(path):
         return
     with open(path) as f:
-        fault = json.load(f)
-    if fault.get("round") != round or fault.get("client") != client_id:
-        return
+        faults = json.load(f)
+    for fault in faults if isinstance(faults, list) else [faults]:
+        if fault.get("round") == round and fault.get("client") == client_id:
+            _inject(fault, round, client_id)
+
+
+def _inject(fault: dict, round: int, client_id: int) -> None:
     if fault["action"] == "raise":
         raise RuntimeError(f"injected failure for client {client_id} in round {round}")
     if fault["action"] == "hang":
