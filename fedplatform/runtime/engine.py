@@ -170,10 +170,13 @@ class Engine:
         rt, start = self.cfg.runtime, time.perf_counter()
         deadline = start + rt.round_timeout_s
         payload = self.server.broadcast.remote()  # one object-store copy shared by every client
-        queue, idle = deque(clients), list(range(len(self.pool.actors)))
+        self.server.begin_round.remote(round, clients)
+        folds: list[ray.ObjectRef] = []
+        # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
+        queue, idle = deque(sorted(clients)), list(range(len(self.pool.actors)))
         running: dict = {}
         retries = {c: 0 for c in clients}
-        done: dict[int, tuple[dict, ray.ObjectRef]] = {}
+        done: dict[int, dict] = {}
         dropped: dict[int, str] = {}
         durations: list[float] = []
 
@@ -182,6 +185,7 @@ class Engine:
             if rt.client_failures == "abort":
                 raise ClientError(error)
             dropped[cid] = reason
+            folds.append(self.server.accumulate.remote(cid, None))
             if self.on_drop is not None:
                 self.on_drop(round, cid, reason, detail)
             need = rt.min_clients or 1
@@ -223,7 +227,8 @@ class Engine:
                     fail(cid, "raised", f"Traceback from its actor:\n{trace}",
                          f"client {cid} failed in round {round}. Traceback from its actor:\n{trace}")
                 else:
-                    done[cid] = (status, update_ref)
+                    done[cid] = status
+                    folds.append(self.server.accumulate.remote(cid, [update_ref]))  # streamed to the server now
                     durations.append(status["compute_s"])
                 idle.append(i)
             if rt.client_timeout_s is not None:
@@ -237,8 +242,8 @@ class Engine:
                              f"{rt.client_timeout_s:g}")
                         self.pool.replace(i)  # kills the hung task: nothing keeps working in the background
                         idle.append(i)
-        order = sorted(done)
-        server_s, server_rss = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
+        ray.get(folds)  # an aggregation error surfaces here
+        server_s, server_rss, server_peak = ray.get(self.server.finish_round.remote(round))
         row: dict = {"round": round, "clients": list(clients), "dropped_clients": sorted(dropped),
                      "clients/succeeded": len(done), "clients/dropped": len(dropped)}
         if evaluate:
@@ -246,7 +251,7 @@ class Engine:
             server_s += eval_s
             row.update({k: v for k, v in metrics.items() if k != "per_class_accuracy"})
             row["per_class_accuracy"] = metrics.get("per_class_accuracy")
-        statuses = [done[c][0] for c in order]
+        statuses = [done[c] for c in sorted(done)]
         losses = [s["metrics"]["train_loss"] for s in statuses if "train_loss" in s["metrics"]]
         if losses:
             row["train_loss"] = statistics.fmean(losses)
@@ -262,6 +267,7 @@ class Engine:
             "comm/bytes_up": sum(s["bytes_up"] for s in statuses),
             "memory/client_actor_rss_mb": max(s["rss_mb"] for s in statuses),
             "memory/server_rss_mb": server_rss,
+            "memory/server_peak_private_mb": server_peak,
         })
         return row
 
