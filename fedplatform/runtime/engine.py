@@ -2,9 +2,12 @@
 the server actor, evaluation, MLflow logging and checkpoints.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
-store once; each sampled client is handed to the next idle actor; clients return a small status
-(to the driver) and an update reference (to the server, never through the driver); the server
-aggregates in client-id order, so neither the actor count nor finishing order changes the result.
+store once; sampled clients are handed, in client-id order, to the next idle actor; clients return
+a small status (to the driver) and an update reference, passed to the server as soon as the client
+finishes (never through the driver); the server folds updates in client-id order, so neither the
+actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
+raises or passes runtime.client_timeout_s is dropped (the server is told, so later clients' turns
+come) and the round needs runtime.min_clients replies.
 """
 from __future__ import annotations
 
