@@ -133,6 +133,9 @@ class SyntheticConfig(Section):
 
     name: Literal["synthetic"] = "synthetic"
     work_s: float = Field(0.5, ge=0.0)
+    update_mb: float = Field(0.0, ge=0.0)
+    """Extra float32 entry of this many MB in the state; each client fills it from its generator,
+    so updates differ (for measuring aggregation at a chosen update size)."""
 
 
 class FedCLIPConfig(Section):
@@ -251,6 +254,14 @@ class RuntimeConfig(Section):
     max_client_retries: int = Field(2, ge=0)
     """Times a client is re-run on a fresh actor after its actor died."""
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    client_failures: Literal["abort", "skip"] = "abort"
+    """abort: a client that raises (or exceeds client_timeout_s) fails the run; skip: it is dropped
+    from its round, which completes if at least min_clients replied."""
+    min_clients: int | None = Field(None, ge=1)
+    """With client_failures=skip: replies a round needs (default 1); at most clients_per_round."""
+    client_timeout_s: float | None = Field(None, gt=0.0)
+    """Seconds one client may run on its actor before it counts as failed (its actor is replaced);
+    default none beyond round_timeout_s."""
     wait_for_resources_s: float = Field(600.0, ge=0.0)
     """On an autoscaling cluster: how long to wait for the autoscaler to add the nodes a run or a
     sweep's first trial needs (0 = fail at once). A fixed cluster never waits."""
@@ -271,6 +282,9 @@ class RuntimeConfig(Section):
             raise ValueError(
                 f"runtime.num_client_actors={self.num_client_actors} must be >= 1 or 'auto'"
             )
+        if self.min_clients is not None and self.client_failures != "skip":
+            raise ValueError(f"runtime.min_clients={self.min_clients} only applies with runtime.client_failures=skip "
+                             f"(abort needs every client); set client_failures: skip or drop min_clients")
         return self
 
 
@@ -313,6 +327,9 @@ class ExperimentConfig(Section):
                 f"clients_per_round={self.clients_per_round} exceeds "
                 f"partition.num_clients={self.partition.num_clients}; use at most that many"
             )
+        if (self.runtime.min_clients or 0) > self.clients_per_round:
+            raise ValueError(f"runtime.min_clients={self.runtime.min_clients} exceeds clients_per_round="
+                             f"{self.clients_per_round}; a round can get at most that many replies")
         return self
 
 

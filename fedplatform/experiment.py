@@ -138,6 +138,7 @@ def run_experiment(
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)
+    engine.on_drop = lambda r, cid, reason, detail: _log_drop(tracker, r, cid, reason, detail)
     try:
         with _Progress(cfg.rounds, start_round - 1, enabled=progress) as bar:
             for r in range(start_round, cfg.rounds + 1):
@@ -149,7 +150,8 @@ def run_experiment(
                 if r % cfg.runtime.checkpoint_every == 0 or r == cfg.rounds:
                     ckpt_io.save(run_dir, Checkpoint(r, tracker.run_id, sampler.get_state(),
                                                      cfg.model_dump(mode="json"), ds.fingerprint,
-                                                     ckpt_io.jsonable(history)), engine.state())
+                                                     ckpt_io.jsonable(history), dropped=_dropped(history)),
+                                 engine.state())
                 bar.update(row)
                 if on_round is not None:
                     on_round(row, run_dir)
@@ -164,6 +166,17 @@ def run_experiment(
         engine.shutdown()
     tracker.finish()
     return RunResult(tracker.run_id, run_dir, history, summary)
+
+
+def _log_drop(tracker: Tracker, round: int, client: int, reason: str, detail: str) -> None:
+    """runtime.client_failures=skip dropped a client: a warning, and its traceback as an artifact."""
+    log.warning("round %d: client %d %s; dropped from the round", round, client, reason)
+    tracker.log_text(f"client_failures/round_{round:04d}_client_{client}.txt",
+                     f"client {client}, round {round}: {reason}\n\n{detail}\n")
+
+
+def _dropped(history: list[dict]) -> dict[str, list[int]]:
+    return {str(h["round"]): list(h["dropped_clients"]) for h in history if h.get("dropped_clients")}
 
 
 def _tags(cfg: ExperimentConfig, ds) -> dict[str, str]:

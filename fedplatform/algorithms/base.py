@@ -6,6 +6,7 @@ The engine runs, checkpoints and resumes any algorithm without knowing what it d
     payload = algo.broadcast(state)                            # server, every round
     update  = algo.client_update(payload, data, generator)     # client actor, per sampled client
     state   = algo.aggregate(state, updates, round)            # server, updates sorted by client id
+                                                               # (or aggregate_start/add/finish, streamed)
     metrics = algo.evaluate(state, test)                       # server, on schedule (global test set)
 
 State, payload and update tensors are flat `dict[str, Tensor]` on the CPU (safetensors
@@ -111,9 +112,32 @@ class Algorithm(abc.ABC):
     def client_update(self, payload: State, data: ClientData, generator: torch.Generator) -> ClientUpdate:
         """Local work of one client; all randomness from `generator`."""
 
-    @abc.abstractmethod
     def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
-        """New server state from this round's updates (sorted by client id)."""
+        """New server state from this round's updates (sorted by client id). Implement either this
+        (the server then holds the round's updates at once) or the streaming trio below, which
+        this default folds the list through."""
+        acc = self.aggregate_start(state, round)
+        for update in updates:
+            self.aggregate_add(acc, update)
+        return self.aggregate_finish(state, acc, round)
+
+    @classmethod
+    def streams(cls) -> bool:
+        """Whether the server may fold updates in one at a time (the algorithm has the trio)."""
+        return cls.aggregate_add is not Algorithm.aggregate_add
+
+    def aggregate_start(self, state: State, round: int) -> Any:
+        """Streaming aggregation: an accumulator for `round`; `aggregate_add` folds each update in
+        (in client-id order), `aggregate_finish` turns it into the new state. Server memory is then
+        one update plus the accumulator, whatever the number of clients per round."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor "
+                                  "aggregate_start/aggregate_add/aggregate_finish")
+
+    def aggregate_add(self, acc: Any, update: ClientUpdate) -> None:
+        raise NotImplementedError
+
+    def aggregate_finish(self, state: State, acc: Any, round: int) -> State:
+        raise NotImplementedError
 
     @abc.abstractmethod
     def evaluate(self, state: State, test: ClientData) -> dict:

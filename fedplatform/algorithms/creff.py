@@ -32,10 +32,10 @@ from fedplatform.algorithms.base import (
     register_algorithm,
     seeded_global_rng,
 )
-from fedplatform.algorithms.fedavg import FedAvg, local_sgd, weighted_average
+from fedplatform.algorithms.fedavg import FedAvg, WeightedSum, local_sgd
 from fedplatform.algorithms.images import student_images
 from fedplatform.algorithms.federated_features import (
-    aggregate_class_gradients,
+    ClassGradientSum,
     feature_labels,
     fresh_classifier,
     init_features,
@@ -79,7 +79,7 @@ class CReFF(FedAvg):
         with seeded_global_rng(0):
             self.feature_dim = int(self.build_model().feature_dim)
         self.timings: dict[str, float] = {}
-        """Seconds of the last `aggregate`: fedavg_s, match_s, retrain_s."""
+        """Seconds of the last `aggregate_finish`: fedavg_s (the streamed sums divided), match_s, retrain_s."""
         self.server_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks for CLIP2FL
@@ -126,13 +126,19 @@ class CReFF(FedAvg):
         return ClientUpdate(data.client_id, len(labels), tensors,
                             {"train_loss": train_loss, "classes_present": float(len(grads))})
 
-    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
+    def aggregate_start(self, state: State, round: int) -> tuple[WeightedSum, ClassGradientSum]:
+        """FedAvg of the model and the per-class gradient sums both stream (client-id order)."""
+        return WeightedSum(), ClassGradientSum()
+
+    def aggregate_add(self, acc: tuple[WeightedSum, ClassGradientSum], update: ClientUpdate) -> None:
+        acc[0].add(model_part(update.tensors), update.num_samples)
+        grads, counts = uploaded_gradients(update.tensors)
+        acc[1].add(grads, counts if self.cfg.gradient_weighting == "by_count" else None)
+
+    def aggregate_finish(self, state: State, acc: tuple[WeightedSum, ClassGradientSum], round: int) -> State:
         device, seed = self.ctx.device, self.ctx.cfg.seed
         t0 = time.perf_counter()
-        new = weighted_average([model_part(u.tensors) for u in updates], [u.num_samples for u in updates])
-        parsed = [uploaded_gradients(u.tensors) for u in updates]
-        counts = [p[1] for p in parsed] if self.cfg.gradient_weighting == "by_count" else None
-        real = aggregate_class_gradients([p[0] for p in parsed], counts)
+        new, real = acc[0].result(), acc[1].result()
         t1 = time.perf_counter()
         contrast, eta = self.contrast()
         features, stats = update_features(

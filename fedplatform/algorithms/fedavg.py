@@ -67,24 +67,38 @@ def local_sgd(
     return (loss_sum / steps).item()
 
 
+class WeightedSum:
+    """Streaming FedAvg: states folded in one at a time; `result()` equals `weighted_average` over
+    the same sequence bit for bit (same operations in the same order), holding one sum."""
+
+    def __init__(self):
+        self.sum: State | None = None
+        self.total = 0
+
+    def add(self, state: State, weight: int) -> None:
+        if self.sum is None:
+            self.sum = {k: v * weight if v.is_floating_point() else v.clone() for k, v in state.items()}
+        else:
+            for key, acc in self.sum.items():
+                if acc.is_floating_point():
+                    acc.add_(state[key] * weight)
+        self.total += weight
+
+    def result(self) -> State:
+        if self.sum is None:
+            raise ValueError("cannot aggregate an empty list of client updates")
+        return {k: v / self.total if v.is_floating_point() else v for k, v in self.sum.items()}
+
+
 def weighted_average(states: list[State], weights: list[int]) -> State:
     """FedAvg: every floating entry (BN running stats included) = sum_k n_k * theta_k / sum_k n_k,
     accumulated in list order as the reference. Integer entries (BN num_batches_tracked) take the
     first state's value: the reference averages them too, which only changes a counter that the
     models here never read (spec §9.11)."""
-    if not states:
-        raise ValueError("cannot aggregate an empty list of client updates")
-    total = sum(weights)
-    out: State = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            acc = first * weights[0]
-            for state, n in zip(states[1:], weights[1:]):
-                acc = acc + state[key] * n
-            out[key] = acc / total
-        else:
-            out[key] = first.clone()
-    return out
+    acc = WeightedSum()
+    for state, n in zip(states, weights):
+        acc.add(state, n)
+    return acc.result()
 
 
 @register_algorithm("fedavg")
@@ -156,8 +170,14 @@ class FedAvg(Algorithm):
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return ClientUpdate(data.client_id, len(labels), tensors, {"train_loss": train_loss})
 
-    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
-        return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
+    def aggregate_start(self, state: State, round: int) -> WeightedSum:
+        return WeightedSum()
+
+    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
+        acc.add(update.tensors, update.num_samples)
+
+    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
+        return acc.result()
 
     def evaluate(self, state: State, test: ClientData) -> dict:
         return evaluate_model(self.working_model(state), student_images(test, self.ctx), test.labels, self.ctx)

@@ -30,7 +30,7 @@ from fedplatform.algorithms.base import (
     register_algorithm,
     seeded_global_rng,
 )
-from fedplatform.algorithms.fedavg import weighted_average
+from fedplatform.algorithms.fedavg import WeightedSum
 from fedplatform.algorithms.frozen_clip import FrozenCLIP
 from fedplatform.errors import UserError
 from fedplatform.models.adapters import AttentionAdapter, gate_entropy
@@ -142,10 +142,15 @@ class FedCLIP(FrozenCLIP, Algorithm):
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()}
         return ClientUpdate(data.client_id, n, tensors, {"train_loss": train_loss, "local_steps": float(steps)})
 
-    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
+    def aggregate_start(self, state: State, round: int) -> WeightedSum:
         """uniform (reference): Σ_i 1/n · adapter_i; sample_weighted: FedAvg weights."""
-        weights = [1] * len(updates) if self.cfg.aggregation == "uniform" else [u.num_samples for u in updates]
-        return weighted_average([u.tensors for u in updates], weights)
+        return WeightedSum()
+
+    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
+        acc.add(update.tensors, 1 if self.cfg.aggregation == "uniform" else update.num_samples)
+
+    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
+        return acc.result()
 
     @torch.no_grad()
     def _predict(self, state: State, ids: np.ndarray) -> tuple[torch.Tensor, float]:

@@ -145,22 +145,36 @@ def real_class_gradients(features: Callable[[torch.Tensor], torch.Tensor], image
 # ---------------------------------------------------------------------------- server
 
 
+class ClassGradientSum:
+    """Streaming `aggregate_class_gradients`: clients folded in one at a time, same operations in
+    the same order, so `result()` is bit-identical to the list form."""
+
+    def __init__(self):
+        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.total: dict[int, float] = {}
+
+    def add(self, grads: dict[int, tuple[torch.Tensor, torch.Tensor]], counts: dict[int, int] | None = None) -> None:
+        for c, (gw, gb) in grads.items():
+            w = float(counts[c]) if counts is not None else 1.0
+            if c in self.sums:
+                self.sums[c] = (self.sums[c][0] + w * gw, self.sums[c][1] + w * gb)
+                self.total[c] += w
+            else:
+                self.sums[c] = (w * gw, w * gb)
+                self.total[c] = w
+
+    def result(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {c: (gw / self.total[c], gb / self.total[c]) for c, (gw, gb) in sorted(self.sums.items())}
+
+
 def aggregate_class_gradients(client_grads: list[dict[int, tuple[torch.Tensor, torch.Tensor]]],
                               counts: list[dict[int, int]] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """g_c = mean of g_c^k over the clients holding class c (spec §4.3 step 2), in list order;
     weighted by n_c^k when `counts` is given (§9.7 option). Classes no client holds are absent."""
-    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    total: dict[int, float] = {}
+    acc = ClassGradientSum()
     for k, grads in enumerate(client_grads):
-        for c, (gw, gb) in grads.items():
-            w = float(counts[k][c]) if counts is not None else 1.0
-            if c in out:
-                out[c] = (out[c][0] + w * gw, out[c][1] + w * gb)
-                total[c] += w
-            else:
-                out[c] = (w * gw, w * gb)
-                total[c] = w
-    return {c: (gw / total[c], gb / total[c]) for c, (gw, gb) in sorted(out.items())}
+        acc.add(grads, counts[k] if counts is not None else None)
+    return acc.result()
 
 
 def synthetic_class_gradients(features: torch.Tensor, classes: torch.Tensor, weight: torch.Tensor,

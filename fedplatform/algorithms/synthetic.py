@@ -3,6 +3,8 @@
 For measuring the platform itself (orchestration overhead, scaling in the number of logical
 clients): each client busy-waits `work_s` seconds and returns the global weights unchanged, so
 payloads and uploads have the size of the configured model while the compute is known exactly.
+`update_mb` adds one float32 entry of that size, drawn per client from its generator (so updates
+differ and the aggregation's summation order shows in the result).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import time
 import torch
 
 from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
-from fedplatform.algorithms.fedavg import weighted_average
+from fedplatform.algorithms.fedavg import WeightedSum
 from fedplatform.algorithms.images import input_shape
 from fedplatform.models.backbones import create_model
+
+BALLAST = "ballast"
 
 
 @register_algorithm("synthetic")
@@ -22,7 +26,10 @@ class Synthetic(Algorithm):
         h, _, c = input_shape(self.ctx.cfg, self.ctx.image_shape)
         with seeded_global_rng(seed):
             model = create_model(self.ctx.cfg.model.name, self.ctx.num_classes, c, h)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.cfg.update_mb:
+            state[BALLAST] = torch.zeros(int(self.cfg.update_mb * 2**20) // 4)
+        return state
 
     def broadcast(self, state: State) -> State:
         return state
@@ -31,10 +38,19 @@ class Synthetic(Algorithm):
         deadline = time.perf_counter() + self.cfg.work_s
         while time.perf_counter() < deadline:
             pass
-        return ClientUpdate(data.client_id, len(data.labels), dict(payload), {"train_loss": 0.0})
+        tensors = dict(payload)
+        if BALLAST in tensors:
+            tensors[BALLAST] = torch.rand(tensors[BALLAST].shape, generator=generator)
+        return ClientUpdate(data.client_id, len(data.labels), tensors, {"train_loss": 0.0})
 
-    def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
-        return weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
+    def aggregate_start(self, state: State, round: int) -> WeightedSum:
+        return WeightedSum()
+
+    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
+        acc.add(update.tensors, update.num_samples)
+
+    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
+        return acc.result()
 
     def evaluate(self, state: State, test: ClientData) -> dict:
         return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 
 import numpy as np
 import ray
@@ -20,8 +21,8 @@ from fedplatform.errors import UserError
 from fedplatform.runtime.replicate import PreparedData
 
 # Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang", ...}
-# makes the actor die (once, guarded by the file named by "marker"), raise, or stall for "seconds"
-# when it runs that client.
+# (or a list of such faults) makes the actor die (once, guarded by the file named by "marker"),
+# raise, or stall for "seconds" when it runs that client.
 FAULT_ENV = "FEDPLATFORM_FAULT_FILE"
 
 
@@ -64,6 +65,16 @@ def nonfinite(tensors: dict[str, torch.Tensor], metrics: dict | None = None) -> 
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"'{key}' has inf/nan values"
     return None
+
+
+def private_mb() -> float:
+    """Private resident memory of this process (Linux RssAnon; else RSS): unlike RSS it leaves out
+    the object store's shared pages a process maps when it reads objects."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return rss_mb()
 
 
 def to_wire(tensors: dict[str, torch.Tensor]) -> dict:
@@ -115,9 +126,13 @@ def _maybe_inject_fault(round: int, client_id: int) -> None:
     if not path or not os.path.exists(path):
         return
     with open(path) as f:
-        fault = json.load(f)
-    if fault.get("round") != round or fault.get("client") != client_id:
-        return
+        faults = json.load(f)
+    for fault in faults if isinstance(faults, list) else [faults]:
+        if fault.get("round") == round and fault.get("client") == client_id:
+            _inject(fault, round, client_id)
+
+
+def _inject(fault: dict, round: int, client_id: int) -> None:
     if fault["action"] == "raise":
         raise RuntimeError(f"injected failure for client {client_id} in round {round}")
     if fault["action"] == "hang":
@@ -170,14 +185,48 @@ class ServerActor(_Worker):
     def payload_bytes(self) -> int:
         return self._payload_bytes
 
-    def aggregate(self, round: int, update_refs: list) -> tuple[float, float]:
-        """Returns (seconds, resident MB)."""
+    def begin_round(self, round: int, clients: list[int]) -> None:
+        """Aggregation of `round` folds the clients' updates in client-id order as they arrive."""
+        self._peak_private = private_mb()
+        self._turns = deque(sorted(clients))
+        self._arrived: dict[int, ray.ObjectRef | None] = {}
+        self._server_s = 0.0
+        self._acc = self.algo.aggregate_start(self.state, round) if self.algo.streams() else []
+
+    def accumulate(self, client_id: int, update_ref: list | None) -> None:
+        """`update_ref` is [ref] (in a list, so Ray leaves it unfetched) or None for a dropped
+        client. Only references wait for their turn; an update is fetched when it is folded in,
+        so a streaming algorithm holds one update at a time."""
         start = time.perf_counter()
-        updates = sorted(ray.get(update_refs), key=lambda u: u.client_id)
-        for u in updates:
-            u.tensors = from_wire(u.tensors)
-        self.state = self.algo.aggregate(self.state, updates, round)
-        return time.perf_counter() - start, rss_mb()
+        self._arrived[client_id] = update_ref[0] if update_ref else None
+        while self._turns and self._turns[0] in self._arrived:
+            ref = self._arrived.pop(self._turns.popleft())
+            if ref is None:
+                continue
+            update = ray.get(ref)
+            del ref
+            update.tensors = from_wire(update.tensors)
+            self._peak_private = max(self._peak_private, private_mb())  # the most held: sum + this update
+            if self.algo.streams():
+                self.algo.aggregate_add(self._acc, update)
+            else:
+                self._acc.append(update)
+            del update
+        self._server_s += time.perf_counter() - start
+
+    def finish_round(self, round: int) -> tuple[float, float, float]:
+        """New state from the folded updates. Returns (seconds, resident MB, peak private MB this round,
+        sampled as each update is folded in and at the end)."""
+        start = time.perf_counter()
+        if self._turns:
+            raise RuntimeError(f"round {round}: no update or drop was reported for clients {list(self._turns)}")
+        if self.algo.streams():
+            self.state = self.algo.aggregate_finish(self.state, self._acc, round)
+        else:
+            self.state = self.algo.aggregate(self.state, self._acc, round)
+        self._acc = None
+        peak = max(self._peak_private, private_mb())
+        return self._server_s + time.perf_counter() - start, rss_mb(), peak
 
     def evaluate(self) -> tuple[dict, float]:
         start = time.perf_counter()

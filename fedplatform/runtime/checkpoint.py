@@ -57,6 +57,8 @@ class Checkpoint:
     fingerprint: str
     history: list[dict] = field(default_factory=list)
     state_file: str = ""
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+    """{round: client ids dropped} (runtime.client_failures=skip): decisions already in the state."""
 
 
 def save(run_dir: str, ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:

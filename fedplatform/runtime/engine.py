@@ -2,9 +2,12 @@
 the server actor, evaluation, MLflow logging and checkpoints.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
-store once; each sampled client is handed to the next idle actor; clients return a small status
-(to the driver) and an update reference (to the server, never through the driver); the server
-aggregates in client-id order, so neither the actor count nor finishing order changes the result.
+store once; sampled clients are handed, in client-id order, to the next idle actor; clients return
+a small status (to the driver) and an update reference, passed to the server as soon as the client
+finishes (never through the driver); the server folds updates in client-id order, so neither the
+actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
+raises or passes runtime.client_timeout_s is dropped (the server is told, so later clients' turns
+come) and the round needs runtime.min_clients replies.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import re
 import statistics
 import time
 from collections import deque
+from typing import Callable
 
 import ray
 
@@ -33,6 +37,19 @@ class ClientError(RunFailed):
 
 class RoundTimeout(RunFailed):
     pass
+
+
+class TooFewClients(RunFailed):
+    """With runtime.client_failures=skip: a round lost so many clients that fewer than
+    runtime.min_clients can reply."""
+
+
+def _discard(ref) -> None:
+    """Read a failed task's other return, so Ray does not log it as an unhandled error."""
+    try:
+        ray.get(ref, timeout=1)
+    except Exception:
+        pass
 
 
 def ideal_client_time(durations: list[float], num_actors: int) -> float:
@@ -130,6 +147,8 @@ class Engine:
         rt = cfg.runtime
         args = (cfg.model_dump(mode="json"), data)
         self.cfg = cfg
+        self.on_drop: Callable[[int, int, str, str], None] | None = None
+        """Called as (round, client id, reason, detail) when client_failures=skip drops a client."""
         requested = False
         if ray.util.get_current_placement_group() is not None:  # a Tune trial: its group is reserved
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round)
@@ -158,56 +177,94 @@ class Engine:
                 release_request()
 
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
-        cfg, start = self.cfg, time.perf_counter()
-        deadline = start + cfg.runtime.round_timeout_s
+        rt, start = self.cfg.runtime, time.perf_counter()
+        deadline = start + rt.round_timeout_s
         payload = self.server.broadcast.remote()  # one object-store copy shared by every client
-        queue, idle = deque(clients), list(range(len(self.pool.actors)))
+        self.server.begin_round.remote(round, clients)
+        folds: list[ray.ObjectRef] = []
+        # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
+        queue, idle = deque(sorted(clients)), list(range(len(self.pool.actors)))
         running: dict = {}
         retries = {c: 0 for c in clients}
-        done: dict[int, tuple[dict, ray.ObjectRef]] = {}
+        done: dict[int, dict] = {}
+        dropped: dict[int, str] = {}
         durations: list[float] = []
+
+        def fail(cid: int, reason: str, detail: str, error: str) -> None:
+            """abort: raise `error`; skip: drop the client, and fail once too few can still reply."""
+            if rt.client_failures == "abort":
+                raise ClientError(error)
+            dropped[cid] = reason
+            folds.append(self.server.accumulate.remote(cid, None))
+            if self.on_drop is not None:
+                self.on_drop(round, cid, reason, detail)
+            need = rt.min_clients or 1
+            if len(clients) - len(dropped) < need:
+                causes = ", ".join(f"client {c} {why}" for c, why in sorted(dropped.items()))
+                raise TooFewClients(f"round {round}: {len(dropped)} of {len(clients)} clients dropped ({causes}), "
+                                    f"so at most {len(clients) - len(dropped)} can reply, fewer than "
+                                    f"runtime.min_clients={need}")
+
         while queue or running:
             while queue and idle:
                 i, cid = idle.pop(0), queue.popleft()
                 status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
-                running[status_ref] = (i, cid, update_ref)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
-            if not ready:
-                names = sorted(cid for _, cid, _ in running.values())
-                raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={cfg.runtime.round_timeout_s:g}; "
+                running[status_ref] = (i, cid, update_ref, time.perf_counter())
+            wake = deadline
+            if rt.client_timeout_s is not None:
+                wake = min(wake, min(t for *_, t in running.values()) + rt.client_timeout_s)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
+            if not ready and time.perf_counter() >= deadline:
+                names = sorted(cid for _, cid, _, _ in running.values())
+                raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={rt.round_timeout_s:g}; "
                                    f"clients still running: {names}")
             for ref in ready:
-                i, cid, update_ref = running.pop(ref)
+                i, cid, update_ref, _ = running.pop(ref)
                 try:
                     status = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     retries[cid] += 1
-                    if retries[cid] > cfg.runtime.max_client_retries:
-                        raise ClientError(f"client {cid} in round {round}: its actor died "
-                                          f"{retries[cid]} times (runtime.max_client_retries="
-                                          f"{cfg.runtime.max_client_retries}): {exc}") from None
+                    if retries[cid] > rt.max_client_retries:
+                        fail(cid, "actor died", str(exc),
+                             f"client {cid} in round {round}: its actor died {retries[cid]} times "
+                             f"(runtime.max_client_retries={rt.max_client_retries}): {exc}")
+                    else:
+                        queue.appendleft(cid)
                     self.pool.replace(i)
-                    queue.appendleft(cid)
                 except ray.exceptions.RayTaskError as exc:
                     trace = ANSI.sub("", str(exc)).strip()
-                    raise ClientError(f"client {cid} failed in round {round}. Traceback from its actor:\n"
-                                      f"{trace}") from None
+                    _discard(update_ref)
+                    fail(cid, "raised", f"Traceback from its actor:\n{trace}",
+                         f"client {cid} failed in round {round}. Traceback from its actor:\n{trace}")
                 else:
-                    done[cid] = (status, update_ref)
+                    self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
+                    done[cid] = status
+                    folds.append(self.server.accumulate.remote(cid, [update_ref]))  # streamed to the server now
                     durations.append(status["compute_s"])
                 idle.append(i)
-        order = sorted(done)
-        self._check_finite(round, [(f"client {c}", done[c][0].get("nonfinite")) for c in order])
-        server_s, server_rss = ray.get(self.server.aggregate.remote(round, [done[c][1] for c in order]))
-        if not cfg.runtime.allow_nonfinite:
+            if rt.client_timeout_s is not None:
+                now = time.perf_counter()
+                for ref, (i, cid, _, began) in list(running.items()):
+                    if now - began >= rt.client_timeout_s:
+                        del running[ref]
+                        fail(cid, "timed out", f"still running after runtime.client_timeout_s="
+                             f"{rt.client_timeout_s:g} s; its actor was replaced",
+                             f"client {cid} in round {round} exceeded runtime.client_timeout_s="
+                             f"{rt.client_timeout_s:g}")
+                        self.pool.replace(i)  # kills the hung task: nothing keeps working in the background
+                        idle.append(i)
+        ray.get(folds)  # an aggregation error surfaces here
+        server_s, server_rss, server_peak = ray.get(self.server.finish_round.remote(round))
+        if not rt.allow_nonfinite:
             self._check_finite(round, [("the aggregated server state", ray.get(self.server.nonfinite_state.remote()))])
-        row: dict = {"round": round, "clients": list(clients)}
+        row: dict = {"round": round, "clients": list(clients), "dropped_clients": sorted(dropped),
+                     "clients/succeeded": len(done), "clients/dropped": len(dropped)}
         if evaluate:
             metrics, eval_s = ray.get(self.server.evaluate.remote())
             server_s += eval_s
             row.update({k: v for k, v in metrics.items() if k != "per_class_accuracy"})
             row["per_class_accuracy"] = metrics.get("per_class_accuracy")
-        statuses = [done[c][0] for c in order]
+        statuses = [done[c] for c in sorted(done)]
         losses = [s["metrics"]["train_loss"] for s in statuses if "train_loss" in s["metrics"]]
         if losses:
             row["train_loss"] = statistics.fmean(losses)
@@ -223,11 +280,12 @@ class Engine:
             "comm/bytes_up": sum(s["bytes_up"] for s in statuses),
             "memory/client_actor_rss_mb": max(s["rss_mb"] for s in statuses),
             "memory/server_rss_mb": server_rss,
+            "memory/server_peak_private_mb": server_peak,
         })
         return row
 
     def _check_finite(self, round: int, found: list[tuple[str, str | None]]) -> None:
-        """Stop at the first inf/nan (lowest client id first) before it reaches a checkpoint."""
+        """Stop at the first inf/nan reported, before it is aggregated or reaches a checkpoint."""
         for who, what in found:
             if what:
                 raise NonFinite(f"{who} diverged in round {round}: {what}; the run stopped and keeps its last good "

@@ -168,14 +168,15 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_file(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
     def log_text(self, name: str, text: str) -> None:
+        """`name` may hold a folder (client_failures/round_0003_client_7.txt)."""
         with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / name
+            p = Path(tmp) / Path(name).name
             p.write_text(text)
-            self.log_file(p)
+            self.log_file(p, Path(name).parent.as_posix() if "/" in name else None)
 
     def log_json(self, name: str, obj: Any) -> None:
         self.log_text(name, json.dumps(obj, indent=2, sort_keys=True))
