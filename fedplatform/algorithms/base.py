@@ -112,6 +112,13 @@ class Algorithm(abc.ABC):
     def client_update(self, payload: State, data: ClientData, generator: torch.Generator) -> ClientUpdate:
         """Local work of one client; all randomness from `generator`."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None) and not cls.streams() \
+                and cls.aggregate is Algorithm.aggregate:
+            raise TypeError(f"{cls.__name__} implements neither aggregate nor "
+                            "aggregate_start/aggregate_add/aggregate_finish")
+
     def aggregate(self, state: State, updates: list[ClientUpdate], round: int) -> State:
         """New server state from this round's updates (sorted by client id). Implement either this
         (the server then holds the round's updates at once) or the streaming trio below, which
@@ -123,21 +130,21 @@ class Algorithm(abc.ABC):
 
     @classmethod
     def streams(cls) -> bool:
-        """Whether the server may fold updates in one at a time (the algorithm has the trio)."""
+        """Whether the server folds updates in one at a time (the algorithm has its own trio)."""
         return cls.aggregate_add is not Algorithm.aggregate_add
 
     def aggregate_start(self, state: State, round: int) -> Any:
         """Streaming aggregation: an accumulator for `round`; `aggregate_add` folds each update in
         (in client-id order), `aggregate_finish` turns it into the new state. Server memory is then
-        one update plus the accumulator, whatever the number of clients per round."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor "
-                                  "aggregate_start/aggregate_add/aggregate_finish")
+        one update plus the accumulator, whatever the number of clients per round. The defaults
+        keep the list of updates and hand it to `aggregate` (an algorithm that needs them all)."""
+        return []
 
     def aggregate_add(self, acc: Any, update: ClientUpdate) -> None:
-        raise NotImplementedError
+        acc.append(update)
 
     def aggregate_finish(self, state: State, acc: Any, round: int) -> State:
-        raise NotImplementedError
+        return self.aggregate(state, acc, round)
 
     @abc.abstractmethod
     def evaluate(self, state: State, test: ClientData) -> dict:

@@ -101,8 +101,21 @@ def weighted_average(states: list[State], weights: list[int]) -> State:
     return acc.result()
 
 
+class SampleWeightedAggregation:
+    """The FedAvg server, streamed: updates weighted by their sample counts (`WeightedSum`)."""
+
+    def aggregate_start(self, state: State, round: int) -> WeightedSum:
+        return WeightedSum()
+
+    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
+        acc.add(update.tensors, update.num_samples)
+
+    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
+        return acc.result()
+
+
 @register_algorithm("fedavg")
-class FedAvg(Algorithm):
+class FedAvg(SampleWeightedAggregation, Algorithm):
     """FedAvg: clients run `local_sgd` with cross-entropy from the broadcast model; the server takes
     the sample-weighted mean of every state entry. Defaults (reference): 10 local epochs, lr 0.1,
     batch 32, batch-shared crop/flip augmentation. The state is the model's flat state_dict."""
@@ -169,15 +182,6 @@ class FedAvg(Algorithm):
             train_loss = local_sgd(model, images, labels, self.cfg, generator, loss_fn)
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return ClientUpdate(data.client_id, len(labels), tensors, {"train_loss": train_loss})
-
-    def aggregate_start(self, state: State, round: int) -> WeightedSum:
-        return WeightedSum()
-
-    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
-        acc.add(update.tensors, update.num_samples)
-
-    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
-        return acc.result()
 
     def evaluate(self, state: State, test: ClientData) -> dict:
         return evaluate_model(self.working_model(state), student_images(test, self.ctx), test.labels, self.ctx)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
-from fedplatform.algorithms.fedavg import WeightedSum
+from fedplatform.algorithms.fedavg import SampleWeightedAggregation
 from fedplatform.algorithms.images import input_shape
 from fedplatform.models.backbones import create_model
 
@@ -21,7 +21,7 @@ BALLAST = "ballast"
 
 
 @register_algorithm("synthetic")
-class Synthetic(Algorithm):
+class Synthetic(SampleWeightedAggregation, Algorithm):
     def init_server_state(self, seed: int) -> State:
         h, _, c = input_shape(self.ctx.cfg, self.ctx.image_shape)
         with seeded_global_rng(seed):
@@ -42,15 +42,6 @@ class Synthetic(Algorithm):
         if BALLAST in tensors:
             tensors[BALLAST] = torch.rand(tensors[BALLAST].shape, generator=generator)
         return ClientUpdate(data.client_id, len(data.labels), tensors, {"train_loss": 0.0})
-
-    def aggregate_start(self, state: State, round: int) -> WeightedSum:
-        return WeightedSum()
-
-    def aggregate_add(self, acc: WeightedSum, update: ClientUpdate) -> None:
-        acc.add(update.tensors, update.num_samples)
-
-    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
-        return acc.result()
 
     def evaluate(self, state: State, test: ClientData) -> dict:
         return {}

@@ -191,7 +191,7 @@ class ServerActor(_Worker):
         self._turns = deque(sorted(clients))
         self._arrived: dict[int, ray.ObjectRef | None] = {}
         self._server_s = 0.0
-        self._acc = self.algo.aggregate_start(self.state, round) if self.algo.streams() else []
+        self._acc = self.algo.aggregate_start(self.state, round)
 
     def accumulate(self, client_id: int, update_ref: list | None) -> None:
         """`update_ref` is [ref] (in a list, so Ray leaves it unfetched) or None for a dropped
@@ -207,10 +207,7 @@ class ServerActor(_Worker):
             del ref
             update.tensors = from_wire(update.tensors)
             self._peak_private = max(self._peak_private, private_mb())  # the most held: sum + this update
-            if self.algo.streams():
-                self.algo.aggregate_add(self._acc, update)
-            else:
-                self._acc.append(update)
+            self.algo.aggregate_add(self._acc, update)  # the default trio keeps the list for `aggregate`
             del update
         self._server_s += time.perf_counter() - start
 
@@ -220,10 +217,7 @@ class ServerActor(_Worker):
         start = time.perf_counter()
         if self._turns:
             raise RuntimeError(f"round {round}: no update or drop was reported for clients {list(self._turns)}")
-        if self.algo.streams():
-            self.state = self.algo.aggregate_finish(self.state, self._acc, round)
-        else:
-            self.state = self.algo.aggregate(self.state, self._acc, round)
+        self.state = self.algo.aggregate_finish(self.state, self._acc, round)
         self._acc = None
         peak = max(self._peak_private, private_mb())
         return self._server_s + time.perf_counter() - start, rss_mb(), peak
