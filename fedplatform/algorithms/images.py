@@ -14,7 +14,6 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from fedplatform.algorithms.base import ClientData, Context, draw_seed, seeded_global_rng
 from fedplatform.config import ExperimentConfig
@@ -57,6 +56,8 @@ class PixelImages:
 
 class EncodedImages:
     def __init__(self, sample_ids: np.ndarray, ctx: Context):
+        from torchvision.transforms import v2  # ~1 s of import (torch._dynamo): only for encoded stores
+
         self.ids = np.asarray(sample_ids, dtype=np.int64)
         self.dataset, self.device = ctx.dataset, ctx.device
         size = ctx.cfg.model.input_size

@@ -170,28 +170,23 @@ class ServerActor(_Worker):
                  state: dict[str, torch.Tensor] | None = None):
         super().__init__(cfg, data, num_cpus, num_gpus)
         self.state = state if state is not None else self.algo.init_server_state(self.cfg.seed)
-        self._payload_bytes = 0
         self._test = self._data(-1, self.ds.test_ids)
         self._client_splits = {
             cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in ("val", "test")}
             for cid in self.ds.client_ids if len(self.ds.client_samples(cid, "test"))
         }
 
-    def broadcast(self) -> dict:
+    def begin_round(self, round: int, clients: list[int]) -> dict:
+        """The round's payload for the clients (one object-store copy shared by all); aggregation of
+        `round` then folds the clients' updates in client-id order as they arrive."""
         payload = to_wire(self.algo.broadcast(self.state))
         self._payload_bytes = state_bytes(payload)
-        return payload
-
-    def payload_bytes(self) -> int:
-        return self._payload_bytes
-
-    def begin_round(self, round: int, clients: list[int]) -> None:
-        """Aggregation of `round` folds the clients' updates in client-id order as they arrive."""
         self._peak_private = private_mb()
         self._turns = deque(sorted(clients))
         self._arrived: dict[int, ray.ObjectRef | None] = {}
         self._server_s = 0.0
         self._acc = self.algo.aggregate_start(self.state, round)
+        return payload
 
     def accumulate(self, client_id: int, update_ref: list | None) -> None:
         """`update_ref` is [ref] (in a list, so Ray leaves it unfetched) or None for a dropped
@@ -211,26 +206,21 @@ class ServerActor(_Worker):
             del update
         self._server_s += time.perf_counter() - start
 
-    def finish_round(self, round: int) -> tuple[float, float, float]:
-        """New state from the folded updates. Returns (seconds, resident MB, peak private MB this round,
-        sampled as each update is folded in and at the end)."""
+    def finish_round(self, round: int, evaluate: bool, check_finite: bool) -> dict:
+        """New state from the folded updates, then (unless it has inf/nan) its evaluation: one call.
+        Memory: resident MB and the peak private MB this round, sampled as each update is folded in."""
         start = time.perf_counter()
         if self._turns:
             raise RuntimeError(f"round {round}: no update or drop was reported for clients {list(self._turns)}")
         self.state = self.algo.aggregate_finish(self.state, self._acc, round)
         self._acc = None
-        peak = max(self._peak_private, private_mb())
-        return self._server_s + time.perf_counter() - start, rss_mb(), peak
-
-    def evaluate(self) -> tuple[dict, float]:
-        start = time.perf_counter()
-        metrics = self.algo.evaluate(self.state, self._test) if len(self._test.labels) else {}
-        if self._client_splits:
-            metrics.update(self.algo.evaluate_clients(self.state, self._client_splits))
-        return metrics, time.perf_counter() - start
-
-    def nonfinite_state(self) -> str | None:
-        return nonfinite(self.state)
+        out = {"payload_bytes": self._payload_bytes, "peak_private_mb": max(self._peak_private, private_mb()),
+               "nonfinite": nonfinite(self.state) if check_finite else None, "metrics": None}
+        if evaluate and out["nonfinite"] is None:
+            out["metrics"] = self.algo.evaluate(self.state, self._test) if len(self._test.labels) else {}
+            if self._client_splits:
+                out["metrics"].update(self.algo.evaluate_clients(self.state, self._client_splits))
+        return out | {"server_s": self._server_s + time.perf_counter() - start, "rss_mb": rss_mb()}
 
     def get_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state.items()}

@@ -179,12 +179,14 @@ class Engine:
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
         rt, start = self.cfg.runtime, time.perf_counter()
         deadline = start + rt.round_timeout_s
-        payload = self.server.broadcast.remote()  # one object-store copy shared by every client
-        self.server.begin_round.remote(round, clients)
+        payload = self.server.begin_round.remote(round, clients)  # one object-store copy shared by every client
         folds: list[ray.ObjectRef] = []
         # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
-        queue, idle = deque(sorted(clients)), list(range(len(self.pool.actors)))
-        running: dict = {}
+        queue = deque(sorted(clients))
+        # Each actor's tasks in the order it runs them, as [status ref, client, update ref, started at]
+        # (started at: when the one ahead of it finished). While enough work remains every actor holds
+        # two, so it starts its next client without waiting for the driver.
+        lanes: list[deque] = [deque() for _ in self.pool.actors]
         retries = {c: 0 for c in clients}
         done: dict[int, dict] = {}
         dropped: dict[int, str] = {}
@@ -205,21 +207,33 @@ class Engine:
                                     f"so at most {len(clients) - len(dropped)} can reply, fewer than "
                                     f"runtime.min_clients={need}")
 
-        while queue or running:
-            while queue and idle:
-                i, cid = idle.pop(0), queue.popleft()
-                status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
-                running[status_ref] = (i, cid, update_ref, time.perf_counter())
+        def replace(i: int) -> None:
+            """A new actor for lane i; the clients queued behind the lost one go back to the queue."""
+            queue.extendleft(sorted((cid for _, cid, _, _ in lanes[i]), reverse=True))
+            lanes[i].clear()
+            self.pool.replace(i)
+
+        while queue or any(lanes):
+            for depth in (1, 2):  # first every idle actor, then a second client each, in client-id order
+                for i, lane in enumerate(lanes):
+                    if queue and len(lane) < depth and (depth == 1 or len(queue) >= len(lanes)):
+                        cid = queue.popleft()
+                        status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
+                        lane.append([status_ref, cid, update_ref, time.perf_counter()])
+            heads = {lane[0][0]: i for i, lane in enumerate(lanes) if lane}
             wake = deadline
             if rt.client_timeout_s is not None:
-                wake = min(wake, min(t for *_, t in running.values()) + rt.client_timeout_s)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
+                wake = min(wake, min(lane[0][3] for lane in lanes if lane) + rt.client_timeout_s)
+            ready, _ = ray.wait(list(heads), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
             if not ready and time.perf_counter() >= deadline:
-                names = sorted(cid for _, cid, _, _ in running.values())
+                names = sorted(cid for lane in lanes for _, cid, _, _ in lane)
                 raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={rt.round_timeout_s:g}; "
                                    f"clients still running: {names}")
             for ref in ready:
-                i, cid, update_ref, _ = running.pop(ref)
+                i = heads[ref]
+                _, cid, update_ref, _ = lanes[i].popleft()
+                if lanes[i]:
+                    lanes[i][0][3] = time.perf_counter()
                 try:
                     status = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -230,7 +244,7 @@ class Engine:
                              f"(runtime.max_client_retries={rt.max_client_retries}): {exc}")
                     else:
                         queue.appendleft(cid)
-                    self.pool.replace(i)
+                    replace(i)
                 except ray.exceptions.RayTaskError as exc:
                     trace = ANSI.sub("", str(exc)).strip()
                     _discard(update_ref)
@@ -241,46 +255,40 @@ class Engine:
                     done[cid] = status
                     folds.append(self.server.accumulate.remote(cid, [update_ref]))  # streamed to the server now
                     durations.append(status["compute_s"])
-                idle.append(i)
             if rt.client_timeout_s is not None:
                 now = time.perf_counter()
-                for ref, (i, cid, _, began) in list(running.items()):
-                    if now - began >= rt.client_timeout_s:
-                        del running[ref]
+                for i, lane in enumerate(lanes):
+                    if lane and now - lane[0][3] >= rt.client_timeout_s:
+                        cid = lane.popleft()[1]
                         fail(cid, "timed out", f"still running after runtime.client_timeout_s="
                              f"{rt.client_timeout_s:g} s; its actor was replaced",
                              f"client {cid} in round {round} exceeded runtime.client_timeout_s="
                              f"{rt.client_timeout_s:g}")
-                        self.pool.replace(i)  # kills the hung task: nothing keeps working in the background
-                        idle.append(i)
+                        replace(i)  # kills the hung task: nothing keeps working in the background
         ray.get(folds)  # an aggregation error surfaces here
-        server_s, server_rss, server_peak = ray.get(self.server.finish_round.remote(round))
-        if not rt.allow_nonfinite:
-            self._check_finite(round, [("the aggregated server state", ray.get(self.server.nonfinite_state.remote()))])
+        server = ray.get(self.server.finish_round.remote(round, evaluate, not rt.allow_nonfinite))
+        self._check_finite(round, [("the aggregated server state", server["nonfinite"])])
         row: dict = {"round": round, "clients": list(clients), "dropped_clients": sorted(dropped),
                      "clients/succeeded": len(done), "clients/dropped": len(dropped)}
         if evaluate:
-            metrics, eval_s = ray.get(self.server.evaluate.remote())
-            server_s += eval_s
-            row.update({k: v for k, v in metrics.items() if k != "per_class_accuracy"})
-            row["per_class_accuracy"] = metrics.get("per_class_accuracy")
+            row.update({k: v for k, v in server["metrics"].items() if k != "per_class_accuracy"})
+            row["per_class_accuracy"] = server["metrics"].get("per_class_accuracy")
         statuses = [done[c] for c in sorted(done)]
         losses = [s["metrics"]["train_loss"] for s in statuses if "train_loss" in s["metrics"]]
         if losses:
             row["train_loss"] = statistics.fmean(losses)
         wall = time.perf_counter() - start
         client_s = ideal_client_time(durations, len(self.pool.actors))
-        payload_bytes = ray.get(self.server.payload_bytes.remote())
         row.update({
             "time/round_s": wall,
             "time/client_compute_s": client_s,
-            "time/server_s": server_s,
-            "time/orchestration_s": max(0.0, wall - client_s - server_s),
-            "comm/bytes_down": payload_bytes * len(clients),
+            "time/server_s": server["server_s"],
+            "time/orchestration_s": max(0.0, wall - client_s - server["server_s"]),
+            "comm/bytes_down": server["payload_bytes"] * len(clients),
             "comm/bytes_up": sum(s["bytes_up"] for s in statuses),
             "memory/client_actor_rss_mb": max(s["rss_mb"] for s in statuses),
-            "memory/server_rss_mb": server_rss,
-            "memory/server_peak_private_mb": server_peak,
+            "memory/server_rss_mb": server["rss_mb"],
+            "memory/server_peak_private_mb": server["peak_private_mb"],
         })
         return row
 
