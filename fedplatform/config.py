@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedplatform.errors import UserError
 
@@ -114,13 +114,58 @@ class LocalTraining(Section):
     slightly; it is fast on GPUs and on CPUs with AMX/AVX512-BF16."""
 
 
+class FedAvgMConfig(Section):
+    """FedAvgM (Hsu et al. 2019) as in Reddi et al. 2021: v_t = momentum * v_{t-1} + delta_t,
+    x_{t+1} = x_t + lr * v_t (delta_t = client average - x_t)."""
+
+    name: Literal["fedavgm"] = "fedavgm"
+    lr: float = Field(1.0, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class FedAdamConfig(Section):
+    """FedAdam (Reddi et al. 2021, Algorithm 2; no bias correction): m_t = beta1 * m + (1 - beta1) * delta_t,
+    v_t = beta2 * v + (1 - beta2) * delta_t^2, x_{t+1} = x_t + lr * m_t / (sqrt(v_t) + tau)."""
+
+    name: Literal["fedadam"] = "fedadam"
+    lr: float = Field(0.1, gt=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+    """Adaptivity: the larger, the closer to server SGD with momentum."""
+
+
+class FedYogiConfig(FedAdamConfig):
+    """FedYogi (Reddi et al. 2021): FedAdam with v_t = v - (1 - beta2) * delta_t^2 * sign(v - delta_t^2)."""
+
+    name: Literal["fedyogi"] = "fedyogi"
+    lr: float = Field(0.01, gt=0.0)
+
+
+SERVER_OPTIMIZER_CONFIGS: dict[str, type[Section]] = {
+    "fedavgm": FedAvgMConfig,
+    "fedadam": FedAdamConfig,
+    "fedyogi": FedYogiConfig,
+}
+ServerOptimizerConfig = Annotated[Union[tuple(SERVER_OPTIMIZER_CONFIGS.values())], Field(discriminator="name")]
+
+
 class FedAvgConfig(LocalTraining):
     """FedAvg (McMahan et al. 2017): sample-weighted mean of every state entry."""
 
     name: Literal["fedavg"] = "fedavg"
+    server_optimizer: ServerOptimizerConfig | None = None
+    """null: the plain average becomes the new global model (McMahan et al.); fedavgm, fedadam or
+    fedyogi: the server steps on the pseudo-gradient (average - global) instead (Reddi et al. 2021)."""
+
+    @field_validator("server_optimizer", mode="before")
+    @classmethod
+    def _name_alone(cls, value):
+        """`server_optimizer: fedadam` is short for `server_optimizer: {name: fedadam}`."""
+        return {"name": value} if isinstance(value, str) else value
 
 
-class FedProxConfig(LocalTraining):
+class FedProxConfig(FedAvgConfig):
     """FedProx (Li et al. 2020): local loss + mu/2 * ||w - w_global||^2."""
 
     name: Literal["fedprox"] = "fedprox"
@@ -372,22 +417,32 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+_TAGGED_SECTIONS: dict[str, tuple[dict[str, type[Section]], str]] = {
+    "algorithm": (ALGORITHM_CONFIGS, "algorithm"),
+    "algorithm.server_optimizer": (SERVER_OPTIMIZER_CONFIGS, "server optimizer"),
+}
+"""Sections chosen by their `name` (discriminated unions): their configs and what they are called."""
+
+
 def _error_line(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     # discriminated unions insert the tag into the location: algorithm.fedavg.lr -> algorithm.lr
-    parts = loc.split(".")
-    section: type[BaseModel] | None = None
-    if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in ALGORITHM_NAMES:
-        section = ALGORITHM_CONFIGS[parts[1]]
-        loc = ".".join([parts[0], *parts[2:]])
+    loc, section, chosen = "", None, ""
+    for part in (str(p) for p in err["loc"] if not str(p).startswith("function-")):
+        if loc in _TAGGED_SECTIONS and part in _TAGGED_SECTIONS[loc][0]:
+            section, chosen = _TAGGED_SECTIONS[loc][0][part], f"{loc}.name={part}"
+            continue
+        loc = f"{loc}.{part}" if loc else part
     value = err.get("input")
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = sorted(section.model_fields) if section else _allowed_keys(loc)
-        here = f"for algorithm.name={parts[1]}" if section else "here"
+        here = f"for {chosen}" if section else "here"
         return f"unknown key '{loc}'; allowed keys {here}: {', '.join(allowed)}"
-    if kind == "union_tag_invalid":
-        return f"algorithm.name={value.get('name')!r} is not a known algorithm; choose one of {', '.join(ALGORITHM_NAMES)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found") and loc in _TAGGED_SECTIONS:
+        configs, what = _TAGGED_SECTIONS[loc]
+        name = value.get("name") if isinstance(value, dict) else None
+        bad = f"{loc}.name={name!r} is not a known {what}" if name is not None else f"{loc} needs a name"
+        return f"{bad}; choose one of {', '.join(configs)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
     shown = shorten(value) if not isinstance(value, dict) else "a section"

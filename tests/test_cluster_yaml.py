@@ -45,7 +45,7 @@ def test_pinned_mlflow_version_equals_the_installed_one(cluster):
 
 def test_fedplatform_is_installed_from_the_mounted_checkout(cluster):
     assert cluster["file_mounts"]["~/fedplatform"] == "."
-    assert "pip install -q -e ~/fedplatform" in setup_text(cluster)
+    assert 'pip install -q -e "$HOME/fedplatform[aws]"' in setup_text(cluster)  # boto3 for the S3 bucket
 
 
 def test_gpu_worker_types_scale_from_zero_with_one_and_four_gpus(cluster):

@@ -5,6 +5,7 @@ CReFF and CLIP2FL extend the loss (proximal term, KD) without copying the loop.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -22,6 +23,7 @@ from fedplatform.algorithms.base import (
     seeded_global_rng,
 )
 from fedplatform.algorithms.images import StudentImages, check_augmentation, input_shape, student_images
+from fedplatform.algorithms.server_opt import ServerOptimizer, model_entries
 from fedplatform.config import LocalTraining
 from fedplatform.errors import UserError
 from fedplatform.models.backbones import check_model_name, create_model
@@ -118,7 +120,8 @@ class SampleWeightedAggregation:
 class FedAvg(SampleWeightedAggregation, Algorithm):
     """FedAvg: clients run `local_sgd` with cross-entropy from the broadcast model; the server takes
     the sample-weighted mean of every state entry. Defaults (reference): 10 local epochs, lr 0.1,
-    batch 32, batch-shared crop/flip augmentation. The state is the model's flat state_dict."""
+    batch 32, batch-shared crop/flip augmentation. The state is the model's flat state_dict, plus the
+    moments of `algorithm.server_optimizer` when one steps the global model with the mean."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -139,6 +142,17 @@ class FedAvg(SampleWeightedAggregation, Algorithm):
         check_augmentation(cfg.algorithm.augmentation, dataset.image_shape is None, cfg.data.dataset)
         return []
 
+    @cached_property
+    def server_optimizer(self) -> ServerOptimizer | None:
+        """`algorithm.server_optimizer` over the model's trainable parameters, or None (plain FedAvg;
+        also for CReFF and CLIP2FL, whose configs have no such key)."""
+        cfg = getattr(self.cfg, "server_optimizer", None)
+        if cfg is None:
+            return None
+        with seeded_global_rng(0):
+            names = {n for n, p in self.build_model().named_parameters() if p.requires_grad}
+        return ServerOptimizer(cfg, names)
+
     def build_model(self) -> nn.Module:
         height, _, channels = input_shape(self.ctx.cfg, self.ctx.image_shape)
         return create_model(self.ctx.cfg.model.name, self.ctx.num_classes, in_channels=channels, image_size=height)
@@ -154,10 +168,18 @@ class FedAvg(SampleWeightedAggregation, Algorithm):
     def init_server_state(self, seed: int) -> State:
         with seeded_global_rng(seed):
             model = self.build_model()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.server_optimizer is not None:
+            state.update(self.server_optimizer.initial_state(state))
+        return state
 
     def broadcast(self, state: State) -> State:
-        return state
+        return state if self.server_optimizer is None else model_entries(state)
+
+    def aggregate_finish(self, state: State, acc: WeightedSum, round: int) -> State:
+        """The sample-weighted mean, or the server optimizer's step with it (Reddi et al. 2021)."""
+        average = acc.result()
+        return average if self.server_optimizer is None else self.server_optimizer.step(state, average)
 
     def local_loss(self, payload: State, data: ClientData) -> LocalLoss:
         """The per-batch loss of this client's local training (built once per update, so it can
@@ -184,4 +206,5 @@ class FedAvg(SampleWeightedAggregation, Algorithm):
         return ClientUpdate(data.client_id, len(labels), tensors, {"train_loss": train_loss})
 
     def evaluate(self, state: State, test: ClientData) -> dict:
-        return evaluate_model(self.working_model(state), student_images(test, self.ctx), test.labels, self.ctx)
+        model = self.working_model(model_entries(state))
+        return evaluate_model(model, student_images(test, self.ctx), test.labels, self.ctx)
