@@ -36,6 +36,9 @@ class DataConfig(Section):
     """Download cifar10/cifar100 with torchvision when `root` holds no data."""
     imbalance_factor: float = Field(1.0, ge=1.0)
     """IF = n_max / n_min of the exponential long-tail profile; 1 keeps the data balanced."""
+    longtail_seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    """Seed of the long-tail selection (which images each class keeps); null = the run seed. The
+    CLIP2FL reference always uses 7 whatever `--seed` is (spec clip2fl 3.1)."""
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Stratified held-out test share for sources without an official test split (digits)."""
     test_domain: str | None = None
