@@ -173,7 +173,7 @@ class ServerActor(_Worker):
         self._payload_bytes = 0
         self._test = self._data(-1, self.ds.test_ids)
         self._client_splits = {
-            cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in ("val", "test")}
+            cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in self.algo.client_eval_splits}
             for cid in self.ds.client_ids if len(self.ds.client_samples(cid, "test"))
         }
 
