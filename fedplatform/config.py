@@ -36,12 +36,23 @@ class DataConfig(Section):
     """Download cifar10/cifar100 with torchvision when `root` holds no data."""
     imbalance_factor: float = Field(1.0, ge=1.0)
     """IF = n_max / n_min of the exponential long-tail profile; 1 keeps the data balanced."""
+    longtail_seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    """Seed of the long-tail selection (which images each class keeps); null = the run seed. The
+    CLIP2FL reference always uses 7 whatever `--seed` is (spec clip2fl 3.1)."""
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Stratified held-out test share for sources without an official test split (digits)."""
-    test_domain: str | None = None
-    """imagefolder_domains: domain held out of training and used as the global test set."""
+    test_domain: str | list[str] | None = None
+    """per_domain: domain held out of training as the global test set, or a list of them (the
+    FedCLIP reference's `test_envs`): each is scored alone, `accuracy` is their mean."""
     cache_dir: str | None = None
     """Prepared-data cache; default $FEDPLATFORM_CACHE or ~/.cache/fedplatform."""
+
+    @model_validator(mode="after")
+    def _test_domains(self):
+        if isinstance(self.test_domain, list) and (not self.test_domain or len(set(self.test_domain)) < len(self.test_domain)):
+            raise ValueError(f"data.test_domain={self.test_domain} must name each held-out domain once; "
+                             "give one or more distinct domain names, or null to hold none out")
+        return self
 
 
 class PartitionConfig(Section):
@@ -72,7 +83,8 @@ class ModelConfig(Section):
 
     name: str = "small_cnn"
     """Registered backbone: small_cnn (8x8 digits), small_cnn_512, resnet8 (CLIP2FL reference
-    student), resnet50 (ImageNet-LT student, 2048 -> 512 projection)."""
+    student), resnet8_creff (original CReFF student: no add_mlp, 256-d features), resnet50
+    (ImageNet-LT student, 2048 -> 512 projection)."""
     input_size: int = Field(224, ge=8)
     """Student input size S for datasets kept as encoded images of varying size (ImageNet-LT,
     PACS): train RandomResizedCrop(S), test Resize(S·256/224) + CenterCrop(S). Fixed-size datasets

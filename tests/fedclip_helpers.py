@@ -26,8 +26,9 @@ def make_domain_folders(root: Path, per_class: int = 6, size: int = 20) -> Path:
     return root
 
 
-def domain_config(root: Path, test_domain: str | None = "art", **algorithm) -> ExperimentConfig:
-    n = len(DOMAINS) - (1 if test_domain else 0)
+def domain_config(root: Path, test_domain: str | list[str] | None = "art", **algorithm) -> ExperimentConfig:
+    held = [] if test_domain is None else [test_domain] if isinstance(test_domain, str) else test_domain
+    n = len(DOMAINS) - len(held)
     return ExperimentConfig.model_validate({
         "seed": 0,
         "data": {"dataset": "imagefolder_domains", "root": str(root), "test_domain": test_domain},

@@ -15,7 +15,8 @@ def test_resnet8_parameter_count_matches_reference(num_classes, expected):
 
 
 @pytest.mark.parametrize(
-    "name, in_channels, size", [("resnet8", 3, 32), ("resnet8", 3, 64), ("small_cnn", 1, 8), ("small_cnn", 3, 32)]
+    "name, in_channels, size", [("resnet8", 3, 32), ("resnet8", 3, 64), ("resnet8_creff", 3, 32), ("small_cnn", 1, 8),
+                                ("small_cnn", 3, 32)]
 )
 def test_every_model_gives_logits_features_and_a_linear_head(name, in_channels, size):
     model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size).eval()
@@ -34,6 +35,20 @@ def test_resnet8_feature_is_the_512_wide_add_mlp_output_without_activation():
     assert model.add_mlp.bias is not None
     z = model.features(torch.randn(8, 3, 32, 32))
     assert (z < 0).any()  # no ReLU after add_mlp
+
+
+def test_resnet8_creff_is_the_original_creff_network_with_the_256_wide_pooled_feature():
+    creff, clip2fl = create_model("resnet8_creff", 10).eval(), create_model("resnet8", 10).eval()
+    assert creff.feature_dim == 256 and (creff.classifier.in_features, creff.classifier.out_features) == (256, 10)
+    assert sum(p.numel() for p in creff.parameters()) == 1_227_594  # resnet8 less add_mlp, head 256 -> 10
+    assert not any(k.startswith("add_mlp") for k in creff.state_dict())
+    # Same backbone: with CLIP2FL's body weights, z is the pooled layer3 output itself (post-ReLU).
+    body = {k: v for k, v in clip2fl.state_dict().items() if not k.startswith(("add_mlp", "classifier"))}
+    creff.load_state_dict(body, strict=False)
+    x = torch.randn(4, 3, 32, 32)
+    pooled = clip2fl.avgpool(clip2fl.layer3(clip2fl.layer2(clip2fl.layer1(clip2fl.relu(clip2fl.bn1(clip2fl.conv1(x)))))))
+    z = creff.features(x)
+    assert torch.allclose(z, pooled.flatten(1)) and (z >= 0).all()
 
 
 def test_resnet8_stages_and_pool_follow_the_reference_layout():

@@ -201,6 +201,20 @@ def test_rounds_run_and_evaluation_reports_both_heads(dataset, name):
     assert math.isfinite(algo.server_stats["pcl"]) == (name == "clip2fl")
 
 
+def test_creff_runs_with_the_original_256_wide_network(dataset):
+    algo = make_algo(digits_config("creff", model="resnet8_creff"), dataset)
+    state, _ = run_rounds(algo, dataset, rounds=1, clients=(0,))
+    assert state[FEATURES].shape == (5 * 10, 256) and state[HEAD_W].shape == (10, 256)
+    assert state["classifier.weight"].shape == (10, 256) and not any(k.startswith("add_mlp") for k in state)
+    metrics = algo.evaluate(state, data(dataset, -1))
+    assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
+
+
+def test_clip2fl_refuses_the_256_wide_creff_network_against_a_512_wide_clip(dataset):
+    with pytest.raises(UserError, match="256"):
+        make_algo(digits_config("clip2fl", model="resnet8_creff"), dataset)
+
+
 def test_aggregation_is_deterministic_given_state_updates_and_round(dataset):
     algo = make_algo(digits_config(), dataset)
     state = algo.init_server_state(7)

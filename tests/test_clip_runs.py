@@ -45,6 +45,27 @@ def test_fedclip_leave_one_domain_out_run_logs_domain_metrics_and_the_selected_r
     assert run.data.metrics["summary/selected_accuracy"] == summary["selected_accuracy"]
     assert run.data.metrics["summary/final_accuracy"] == last["accuracy"]
     assert [m.step for m in client.get_metric_history(result.run_id, "domain/art/test_acc")] == [1, 2, 3]
+    # the reference's per-round train-split accuracy: global adapter on each participating train split
+    train_acc = client.get_metric_history(result.run_id, "train_accuracy")
+    assert [m.step for m in train_acc] == [1, 2, 3] and all(0 <= m.value <= 1 for m in train_acc)
+    assert last["train_accuracy"] == pytest.approx(sum(last[f"domain/{d}/train_acc"] for d in DOMAINS[1:]) / 3)
+    chosen = result.history[summary["selected_round"] - 1]
+    assert summary["selected_domain/art/test_acc"] == chosen["domain/art/test_acc"]
+
+
+def test_fedclip_with_several_held_out_domains_through_the_cli(tmp_path, domains, capsys):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump(domain_config(domains).model_dump(mode="json")))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["data.test_domain=[art, sketch]", "partition.num_clients=2", "clients_per_round=2", "rounds=1"]
+    argv = ["run", str(pipeline), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    m = run.data.metrics
+    assert {"domain/art/test_acc", "domain/sketch/test_acc", "domain/cartoon/val_acc", "train_accuracy"} <= set(m)
+    assert "domain/photo/train_acc" in m and "domain/sketch/val_acc" not in m  # sketch is held out
+    assert m["accuracy"] == pytest.approx((m["domain/art/test_acc"] + m["domain/sketch/test_acc"]) / 2)
 
 
 def test_fedclip_with_every_domain_participating_runs(tmp_path, domains):

@@ -85,6 +85,9 @@ def test_pipelines_carry_the_reference_settings():
     settings = (c10.seed, c10.data.imbalance_factor, c10.partition.scheme, c10.partition.num_clients,
                 c10.partition.dirichlet_alpha, c10.clients_per_round, c10.rounds)
     assert settings == (7, 100, "clip2fl_reference", 20, 0.5, 8, 200)
+    for name in ("clip2fl_cifar10_lt", "clip2fl_cifar100_lt", "creff_cifar10_lt", "fedavg_cifar10_lt",
+                 "fedprox_cifar10_lt"):  # the reference's fixed long-tail seed, whatever --set seed=...
+        assert load_config(PIPELINES / f"{name}.yaml", ["seed=3"]).data.longtail_seed == 7
     pacs = load_config(PIPELINES / "fedclip_pacs.yaml")
     assert (pacs.seed, pacs.data.test_domain, pacs.partition.num_clients, pacs.partition.split_fractions) == \
         (0, "art_painting", 3, (0.6, 0.2, 0.2))

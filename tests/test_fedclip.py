@@ -112,12 +112,74 @@ def test_leave_one_domain_out_metrics(root):
     test = algo.evaluate(state, data(ds, -1))
     assert 0 <= test["accuracy"] <= 1 and test["domain/art/test_acc"] == test["accuracy"]
     assert test["adapter_weight_norm"] > 0 and 0 < test["gate_entropy"] <= math.log(512) + 1e-6
-    clients = {c: {"val": data(ds, c, "val"), "test": data(ds, c, "test")} for c in ds.client_ids}
+    clients = {c: {s: data(ds, c, s) for s in algo.client_eval_splits} for c in ds.client_ids}
     m = algo.evaluate_clients(state, clients)
     for d in DOMAINS[1:]:
         assert 0 <= m[f"domain/{d}/test_acc"] <= 1 and f"domain/{d}/val_acc" in m
     assert m["in_federation_acc"] == pytest.approx(np.mean([m[f"domain/{d}/test_acc"] for d in DOMAINS[1:]]))
     assert m["val_accuracy"] == pytest.approx(np.mean([m[f"domain/{d}/val_acc"] for d in DOMAINS[1:]]))
+
+
+def test_train_split_accuracy_is_the_global_adapter_on_each_local_train_split(root):
+    cfg = domain_config(root, test_domain="art")
+    ds = prepared(cfg)
+    algo, state, _ = run_rounds(cfg, ds, rounds=1)
+    assert algo.client_eval_splits == ("train", "val", "test")  # the server passes the train split too
+    m = algo.evaluate_clients(state, {c: {s: data(ds, c, s) for s in algo.client_eval_splits} for c in ds.client_ids})
+    adapter = algo.working_adapter(state).eval()
+    expected = []
+    for c, d in zip(ds.client_ids, DOMAINS[1:]):  # argmax_k cos(f, t_k) over the client's 10 train images
+        train = data(ds, c)
+        with torch.no_grad():
+            pred = (adapter(algo.image_embeddings(train.sample_ids)) @ algo.text.t()).argmax(1)
+        expected.append(float((pred == train.labels).float().mean()))
+        assert m[f"domain/{d}/train_acc"] == pytest.approx(expected[-1])
+    assert m["train_accuracy"] == pytest.approx(np.mean(expected)) and 0 <= m["train_accuracy"] <= 1
+
+
+def test_several_held_out_domains_are_scored_each_and_averaged(root):
+    single_cfg, cfg = domain_config(root, test_domain="art"), domain_config(root, test_domain=["art", "sketch"])
+    single, ds = prepared(single_cfg), prepared(cfg)
+    assert [ds.domain_names[d] for d in np.unique(ds.domains[ds.test_ids])] == ["art", "sketch"]
+    assert len(ds.client_ids) == 2  # cartoon, photo: the same splits as with art alone held out
+    for c in ds.client_ids:
+        for split in ("train", "val", "test"):
+            assert np.array_equal(ds.client_samples(c, split), single.client_samples(c, split))
+    algo, state, _ = run_rounds(cfg, ds, rounds=1)
+    m = algo.evaluate(state, data(ds, -1))
+    for d in ("art", "sketch"):  # each domain's accuracy as if it were the only test set
+        ids = ds.test_ids[ds.domains[ds.test_ids] == ds.domain_names.index(d)]
+        alone = ClientData(-1, None, torch.from_numpy(np.asarray(ds.labels[ids])), ids)
+        assert m[f"domain/{d}/test_acc"] == algo.evaluate(state, alone)["accuracy"]
+    assert m["accuracy"] == pytest.approx((m["domain/art/test_acc"] + m["domain/sketch/test_acc"]) / 2)
+
+
+@pytest.mark.parametrize("test_domain, message", [
+    (["art", "art"], "must name each held-out domain once"),
+    ([], "must name each held-out domain once"),
+])
+def test_a_repeated_or_empty_held_out_list_is_a_config_error(root, test_domain, message):
+    from fedplatform.config import ConfigError, validate
+
+    raw = domain_config(root).model_dump(mode="json")
+    raw["data"]["test_domain"] = test_domain
+    with pytest.raises(ConfigError, match=message):
+        validate(raw)
+
+
+@pytest.mark.parametrize("test_domain, message", [
+    (["art", "paintings"], "data.test_domain='paintings' is not a domain of this dataset; choose one of: art, "),
+    (list(DOMAINS), "holds out every domain of this dataset"),
+])
+def test_unknown_or_all_held_out_domains_are_one_line_errors(root, test_domain, message):
+    from fedplatform.errors import UserError
+
+    raw = domain_config(root, test_domain=["art"]).model_dump(mode="json")
+    raw["data"]["test_domain"] = test_domain
+    raw["partition"]["num_clients"] = max(1, len(DOMAINS) - len(test_domain))
+    raw["clients_per_round"] = raw["partition"]["num_clients"]
+    with pytest.raises(UserError, match=message):
+        prepare(ExperimentConfig.model_validate(raw))
 
 
 def test_all_domains_participating_works(root):

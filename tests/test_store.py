@@ -97,7 +97,7 @@ def test_fingerprint_follows_what_changes_the_content(tmp_path):
     same = [digits_cfg(tmp_path / "elsewhere"), digits_cfg(tmp_path, rounds=3)]
     different = [digits_cfg(tmp_path, seed=8), digits_cfg(tmp_path, data__imbalance_factor=50),
                  digits_cfg(tmp_path, partition__dirichlet_alpha=0.3), digits_cfg(tmp_path, partition__scheme="iid"),
-                 digits_cfg(tmp_path, data__test_fraction=0.3)]
+                 digits_cfg(tmp_path, data__test_fraction=0.3), digits_cfg(tmp_path, data__longtail_seed=3)]
     assert all(fp(c) == fp(base) for c in same)
     assert len({fp(base), *map(fp, different)}) == 1 + len(different)
 
@@ -127,6 +127,26 @@ def test_concurrent_builder_that_finishes_first_wins(tmp_path, monkeypatch):
     ds = prepare(cfg)
     assert [p.name for p in tmp_path.iterdir()] == [ds.path.name]
     open_store(ds.path, verify=True)
+
+
+def test_longtail_seed_fixes_the_long_tail_whatever_the_run_seed(tmp_path):
+    from test_sources import tiny_cifar, write_cifar10_pickles
+
+    write_cifar10_pickles(tmp_path / "cifar-10-batches-py", *tiny_cifar(n_train=300, n_test=20))
+
+    def pool(seed, longtail_seed):
+        cfg = ExperimentConfig.model_validate({
+            "seed": seed, "clients_per_round": 2, "partition": {"scheme": "iid", "num_clients": 2},
+            "data": {"dataset": "cifar10", "root": str(tmp_path), "imbalance_factor": 5,
+                     "longtail_seed": longtail_seed, "cache_dir": str(tmp_path / "cache")}})
+        ds = prepare(cfg)
+        train = np.sort(np.concatenate([ds.client_samples(c) for c in ds.client_ids]))
+        return ds.pixels(train), ds.client_samples(0)
+
+    (a, a0), (b, b0), (c, _) = pool(1, 7), pool(2, 7), pool(1, 8)
+    assert np.array_equal(a, b) and not np.array_equal(a0, b0)  # same images kept; partition follows seed
+    assert a.shape == c.shape and not np.array_equal(a, c)  # same counts, other images
+    assert np.array_equal(pool(7, None)[0], a)  # null follows the run seed (7 here)
 
 
 def test_encoded_images_round_trip_with_per_domain(tmp_path):

@@ -83,6 +83,8 @@ class Algorithm(abc.ABC):
     """Base of every federated algorithm; subclasses register with `@register_algorithm(name)`."""
 
     name: ClassVar[str]
+    client_eval_splits: ClassVar[tuple[str, ...]] = ("val", "test")
+    """Client splits the server passes to `evaluate_clients` (per_domain partitions)."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -152,7 +154,7 @@ class Algorithm(abc.ABC):
         (passed as a ClientData with client_id -1)."""
 
     def evaluate_clients(self, state: State, clients: dict[int, dict[str, ClientData]]) -> dict:
-        """Metrics on clients' own held-out splits ({client id: {"val": ..., "test": ...}}), for
+        """Metrics on clients' own splits ({client id: {split: ...}} for `client_eval_splits`), for
         partitions that give clients val/test splits (per_domain). Default: none."""
         return {}
 

@@ -45,7 +45,7 @@ class Partition:
 
 @dataclass(frozen=True)
 class Partitioner:
-    fn: Callable[[Pool, PartitionConfig, int, str | None], Partition]
+    fn: Callable[[Pool, PartitionConfig, int, str | list[str] | None], Partition]
     by_domain: bool
     """True: clients are domains; the pool comes in source order, un-long-tailed, and the
     partitioner itself provides the global test set (the held-out domain)."""
@@ -71,7 +71,7 @@ def get_partitioner(scheme: str) -> Partitioner:
     return PARTITIONERS[scheme]
 
 
-def partition(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | None = None) -> Partition:
+def partition(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | list[str] | None = None) -> Partition:
     """Split `pool` with the scheme `cfg.scheme`; every client gets at least one training sample."""
     spec = get_partitioner(cfg.scheme)
     if test_domain is not None and not spec.by_domain:
@@ -226,10 +226,11 @@ def partition_balance(items: np.ndarray, num_clients: int) -> list[np.ndarray]:
 
 
 @register_partitioner("per_domain", by_domain=True)
-def per_domain(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | None = None) -> Partition:
+def per_domain(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | list[str] | None = None) -> Partition:
     """One client per participating domain, in domain order (FedCLIP, spec fedclip 3).
 
-    `test_domain` is held out whole as the global test set (None: every domain participates).
+    `test_domain` (a name or a list, the reference's `test_envs`) is held out whole as the global
+    test set, in domain order (None: every domain participates).
     A participating domain of l samples in source (ImageFolder) order is permuted by a fresh
     np.random.RandomState(seed).permutation(l); train = the first int(f0 * l), val = the next
     int(f1 * l), test = the next int(f2 * l), (f0, f1, f2) = split_fractions (0.6/0.2/0.2);
@@ -241,12 +242,19 @@ def per_domain(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | N
             "partition.scheme='per_domain' needs a dataset with domains "
             "(data.dataset=imagefolder_domains); this one has none"
         )
-    if test_domain is not None and test_domain not in names:
+    held = [] if test_domain is None else [test_domain] if isinstance(test_domain, str) else list(test_domain)
+    for name in held:
+        if name not in names:
+            raise UserError(
+                f"data.test_domain={name!r} is not a domain of this dataset; choose one of: {', '.join(names)}"
+            )
+    held_out = [names.index(name) for name in held]
+    participating = [d for d in range(len(names)) if d not in held_out]
+    if not participating:
         raise UserError(
-            f"data.test_domain={test_domain!r} is not a domain of this dataset; choose one of: {', '.join(names)}"
+            f"data.test_domain={held} holds out every domain of this dataset, leaving none to train on; "
+            f"keep at least one of {', '.join(names)} out of the list"
         )
-    held_out = names.index(test_domain) if test_domain is not None else None
-    participating = [d for d in range(len(names)) if d != held_out]
     if cfg.num_clients != len(participating):
         raise UserError(
             f"partition.num_clients={cfg.num_clients} but per_domain makes one client per participating "
@@ -260,5 +268,4 @@ def per_domain(pool: Pool, cfg: PartitionConfig, seed: int, test_domain: str | N
         perm = np.random.RandomState(seed).permutation(n)
         a, b, c = int(f0 * n), int(f1 * n), int(f2 * n)
         clients.append({"train": pos[perm[:a]], "val": pos[perm[a : a + b]], "test": pos[perm[a + b : a + b + c]]})
-    held = np.flatnonzero(pool.domains == held_out).astype(np.int64) if held_out is not None else np.zeros(0, np.int64)
-    return Partition(clients, held)
+    return Partition(clients, np.flatnonzero(np.isin(pool.domains, held_out)).astype(np.int64))

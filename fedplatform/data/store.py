@@ -72,6 +72,8 @@ def _recipe(cfg: ExperimentConfig, source: Source) -> dict:
         "data": {k: getattr(cfg.data, k) for k in ("imbalance_factor", "test_fraction", "test_domain")},
         "partition": cfg.partition.model_dump(mode="json"),
         "seed": cfg.seed,
+        # only when set, so stores prepared before the key existed keep their fingerprint
+        **({"longtail_seed": cfg.data.longtail_seed} if cfg.data.longtail_seed is not None else {}),
     }
 
 
@@ -127,7 +129,7 @@ def _build(cfg: ExperimentConfig, source: Source, fp: str, path: Path) -> Federa
         if test is None:  # hold out a stratified test set before the long tail is applied
             train_idx, test_idx = _stratified_split(train.labels, cfg.data.test_fraction, cfg.seed)
             train, test = train.take(train_idx), train.take(test_idx)
-        pool = train.take(longtail_select(train.labels, cfg.data.imbalance_factor, cfg.seed, num_classes))
+        pool = train.take(longtail_select(train.labels, cfg.data.imbalance_factor, longtail_seed(cfg), num_classes))
     part = partition(Pool(pool.labels, num_classes, pool.domains, data.domain_names), cfg.partition, cfg.seed,
                      cfg.data.test_domain)
 
@@ -162,6 +164,11 @@ def _build(cfg: ExperimentConfig, source: Source, fp: str, path: Path) -> Federa
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: its presence marks completeness
     log.info("prepared %d samples for %d clients in %.1f s", len(samples), len(part.clients), time.perf_counter() - t0)
     return open_store(path, verify=False)
+
+
+def longtail_seed(cfg: ExperimentConfig) -> int:
+    """Seed of the long-tail selection: data.longtail_seed, else the run seed."""
+    return cfg.seed if cfg.data.longtail_seed is None else cfg.data.longtail_seed
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -79,12 +79,13 @@ class ResNet8(nn.Module):
     Stem conv3x3 -> 64, BasicBlocks 64 (s1), 128 (s2), 256 (s2), global average pool (the
     reference's AvgPool2d(8) at 32x32), `add_mlp` Linear(256, 512) with no activation -> z,
     `classifier` Linear(512, C). 1,361,738 parameters for C=10, 1,407,908 for C=100.
+    `add_mlp=False` is the original CReFF network (CReFF-FL, spec §1): z = the pooled 256-d
+    feature, `classifier` Linear(256, C); 1,227,594 parameters for C=10.
     """
 
-    feature_dim = 512
-
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32):
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, add_mlp: bool = True):
         super().__init__()
+        self.feature_dim = 512 if add_mlp else 256
         self.conv1 = _conv3x3(in_channels, 64)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -95,7 +96,7 @@ class ResNet8(nn.Module):
         # is the reference AvgPool2d(8) at 32x32 and a global average pool at any declared size.
         final = math.ceil(math.ceil(image_size / 2) / 2)
         self.avgpool = nn.AvgPool2d(kernel_size=final)
-        self.add_mlp = nn.Linear(256, self.feature_dim)
+        self.add_mlp = nn.Linear(256, self.feature_dim) if add_mlp else nn.Identity()
         self.classifier = nn.Linear(self.feature_dim, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -120,6 +121,12 @@ class ResNet8(nn.Module):
 @register_model("resnet8")
 def resnet8(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return ResNet8(num_classes, in_channels, image_size)
+
+
+@register_model("resnet8_creff")
+def resnet8_creff(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """The original CReFF student: ResNet-8 without add_mlp, 256-d features into Linear(256, C)."""
+    return ResNet8(num_classes, in_channels, image_size, add_mlp=False)
 
 
 # ---------------------------------------------------------------------------- ResNet-50

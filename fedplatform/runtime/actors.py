@@ -172,7 +172,7 @@ class ServerActor(_Worker):
         self.state = state if state is not None else self.algo.init_server_state(self.cfg.seed)
         self._test = self._data(-1, self.ds.test_ids)
         self._client_splits = {
-            cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in ("val", "test")}
+            cid: {split: self._data(cid, self.ds.client_samples(cid, split)) for split in self.algo.client_eval_splits}
             for cid in self.ds.client_ids if len(self.ds.client_samples(cid, "test"))
         }
 

@@ -84,6 +84,8 @@ def summarize(history: list[dict]) -> dict:
         out["selected_accuracy"] = chosen["accuracy"]
         if "in_federation_acc" in chosen:
             out["selected_in_federation_acc"] = chosen["in_federation_acc"]
+        # the reference reports every domain's test accuracy at that round (held out and local)
+        out.update({f"selected_{k}": v for k, v in chosen.items() if k.startswith("domain/") and k.endswith("/test_acc")})
     out["total_time_s"] = sum(h["time/round_s"] for h in history)
     return out
 
