@@ -296,9 +296,10 @@ def cmd_ui(args) -> int:
 
     uri = absolute_uri(resolve_uri(args.tracking_uri, None))
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    # Become the MLflow server (exec), so a signal to this process reaches it and its workers.
+    # Become the MLflow server (exec), so a signal to this process reaches it and its worker. One
+    # worker serves one user's browser; MLflow's default 4 each import mlflow (seconds of start-up).
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                              "--host", args.host, "--port", str(args.port)])
+                              "--host", args.host, "--port", str(args.port), "--workers", "1"])
 
 
 # ---------------------------------------------------------------------------- cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -119,24 +120,26 @@ def run_experiment(
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
     ds = prepare(cfg)
-    tracker = Tracker(uri, storage=cfg.runtime.storage)
-    ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
-    prepared = algorithm.prepare(cfg, ds)
-    engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)), cfg.runtime.num_client_actors,
-                    server_state=resumed[2] if resumed else None)
-    sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
-    history: list[dict] = []
-    if resumed:
-        run_dir, ckpt, _ = resumed
-        tracker.resume(ckpt.run_id)
-        sampler.set_state(ckpt.sampler)
-        history, start_round = ckpt.history, ckpt.round + 1
-    else:
-        tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                      flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
-        run_dir, start_round = storage.join(runs, tracker.run_id), 1
-        tracker.log_text("config.yaml", to_yaml(cfg))
-        _log_partition(tracker, ds)
+    with ThreadPoolExecutor(1) as background, tempfile.TemporaryDirectory() as tmp:
+        # MLflow's import and store set-up, and the partition plot, overlap Ray's and the actors' start-up.
+        tracker_ready = background.submit(Tracker, uri, storage=cfg.runtime.storage)
+        plot = background.submit(_plot_partition, ds, Path(tmp)) if resumed is None else None
+        try:
+            ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
+            prepared = algorithm.prepare(cfg, ds)
+            engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)),
+                            cfg.runtime.num_client_actors, server_state=resumed[2] if resumed else None, wait=False)
+        except BaseException:
+            tracker_ready.cancel()
+            raise
+        try:
+            tracker = tracker_ready.result()
+            engine.wait_ready()
+            run_dir, start_round, history, sampler = _start_tracking(cfg, ds, tracker, resumed, runs, parent_run_id,
+                                                                      plot.result() if plot else None)
+        except BaseException:
+            engine.shutdown()
+            raise
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)
     engine.on_drop = lambda r, cid, reason, detail: _log_drop(tracker, r, cid, reason, detail)
     try:
@@ -168,6 +171,23 @@ def run_experiment(
     return RunResult(tracker.run_id, run_dir, history, summary)
 
 
+def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: str, parent_run_id: str | None,
+                    partition_png: Path | None) -> tuple[str, int, list[dict], ClientSampler]:
+    """Open the MLflow run (a new one, or the resumed run's) once the actors are up, so an actor that
+    cannot start leaves no run behind. Returns (run dir, first round, history so far, sampler)."""
+    sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
+    if resumed:
+        run_dir, ckpt, _ = resumed
+        tracker.resume(ckpt.run_id)
+        sampler.set_state(ckpt.sampler)
+        return run_dir, ckpt.round + 1, ckpt.history, sampler
+    tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                  flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
+    tracker.log_text("config.yaml", to_yaml(cfg))
+    tracker.log_file(partition_png)
+    return storage.join(runs, tracker.run_id), 1, [], sampler
+
+
 def _log_drop(tracker: Tracker, round: int, client: int, reason: str, detail: str) -> None:
     """runtime.client_failures=skip dropped a client: a warning, and its traceback as an artifact."""
     log.warning("round %d: client %d %s; dropped from the round", round, client, reason)
@@ -193,13 +213,12 @@ def _tags(cfg: ExperimentConfig, ds) -> dict[str, str]:
     return tags
 
 
-def _log_partition(tracker: Tracker, ds) -> None:
+def _plot_partition(ds, folder: Path) -> Path:
     from fedplatform.tracking.plots import plot_partition
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "partition.png"
-        plot_partition(ds.describe(), path)
-        tracker.log_file(path)
+    path = folder / "partition.png"
+    plot_partition(ds.describe(), path)
+    return path
 
 
 def _log_final(tracker: Tracker, ds, history: list[dict], summary: dict, state: dict) -> None:

@@ -2,7 +2,8 @@
 the server actor, evaluation, MLflow logging and checkpoints.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
-store once; sampled clients are handed, in client-id order, to the next idle actor; clients return
+store once; sampled clients are handed, in client-id order, to the actors (each holds its next one
+while enough are queued, so it never idles waiting for the driver); clients return
 a small status (to the driver) and an update reference, passed to the server as soon as the client
 finishes (never through the driver); the server folds updates in client-id order, so neither the
 actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
@@ -91,22 +92,20 @@ def summarize(history: list[dict]) -> dict:
 
 
 class _Pool:
-    """Client actors; a dead one is replaced in place."""
+    """Client actors; a dead one is replaced in place. Created without waiting (see `wait_ready`)."""
 
     def __init__(self, n: int, args: tuple, res):
         self.args, self.res = args, res
-        self.actors = [self._new() for _ in range(n)]
-        try:
-            self.wait_ready(self.actors)
-        except BaseException:
-            self.shutdown()
-            raise
+        self.actors = [self._new(i) for i in range(n)]
 
-    def _new(self):
-        return ClientActor.options(num_cpus=self.res.num_cpus, num_gpus=self.res.num_gpus).remote(*self.args)
+    def _new(self, i: int):
+        return ClientActor.options(num_cpus=self.res.num_cpus, num_gpus=self.res.num_gpus,
+                                   **_in_bundle(i + 1)).remote(*self.args)
 
     @staticmethod
     def wait_ready(actors) -> list[dict]:
+        """Wait until every actor is up. All are read, so an error shared by several (a bad device)
+        is reported once: the first actor's own one line, not Ray's dump."""
         refs = [a.ready.remote() for a in actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
         if pending:
@@ -114,17 +113,22 @@ class _Pool:
                 f"{len(pending)} of {len(refs)} actors could not be started within {ACTOR_START_TIMEOUT_S:.0f} s; "
                 f"the Ray cluster has {ray.cluster_resources()} — lower runtime resources or add nodes"
             )
-        try:
-            return ray.get(ready)
-        except ray.exceptions.RayActorError as exc:  # an actor's own UserError: its one line, not Ray's dump
-            found = re.findall(r"UserError: (.+)", ANSI.sub("", str(exc)))
+        results, errors = [], []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:
+                errors.append(exc)
+        if errors:
+            found = re.findall(r"UserError: (.+)", ANSI.sub("", str(errors[0])))
             if found:
                 raise UserError(found[-1].strip()) from None
-            raise
+            raise errors[0]
+        return results
 
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._new()
+        self.actors[i] = self._new(i)
         self.wait_ready([self.actors[i]])
 
     def shutdown(self) -> None:
@@ -132,23 +136,26 @@ class _Pool:
             ray.kill(a, no_restart=True)
 
 
-def _server_bundle() -> dict:
-    """Inside a placement group (a Tune trial) the server takes bundle 0, so bundles 1.. stay free
-    for client actors whatever their shapes."""
+def _in_bundle(index: int) -> dict:
+    """Inside a placement group (a Tune trial) the server takes bundle 0 and client actor i bundle
+    i + 1, so actors started together cannot take each other's places whatever their shapes."""
     pg = ray.util.get_current_placement_group()
     if pg is None:
         return {}
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-        placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+        placement_group=pg, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
 
 
 class Engine:
-    def __init__(self, cfg: ExperimentConfig, data: PreparedData, num_actors: int, server_state=None):
+    def __init__(self, cfg: ExperimentConfig, data: PreparedData, num_actors: int, server_state=None,
+                 wait: bool = True):
+        """Starts the server and the client actors together; with wait=False the caller does other
+        set-up while they start and calls `wait_ready` before the first round."""
         rt = cfg.runtime
         args = (cfg.model_dump(mode="json"), data)
-        self.cfg = cfg
+        self.cfg, self.data = cfg, data
         self.on_drop: Callable[[int, int, str, str], None] | None = None
         """Called as (round, client id, reason, detail) when client_failures=skip drops a client."""
         requested = False
@@ -161,22 +168,27 @@ class Engine:
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round, cluster)
             requested = wait_for_resources([bundle(rt.server_resources)] + [bundle(rt.client_resources)] * n, cluster,
                                rt.wait_for_resources_s, f"the server and {n} client actor{'s' * (n > 1)}")
-        # The server first: an actor that cannot start (a bad device, say) fails there alone, with
-        # its one error, before any client actor adds the same failure to the output.
+        # Server and clients start together; their start-up overlaps.
         self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
                                           num_gpus=rt.server_resources.num_gpus,
-                                          **_server_bundle()).remote(
+                                          **_in_bundle(0)).remote(
             *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
+        self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
+                          rt.client_resources)
+        self._requested = requested
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         try:
-            _Pool.wait_ready([self.server])
-            self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
-                              rt.client_resources)
+            _Pool.wait_ready([self.server, *self.pool.actors])
         except BaseException:
-            ray.kill(self.server, no_restart=True)
+            self.shutdown()
             raise
         finally:
-            if requested:
+            if self._requested:
                 release_request()
+                self._requested = False
 
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
         rt, start = self.cfg.runtime, time.perf_counter()
@@ -307,3 +319,5 @@ class Engine:
     def shutdown(self) -> None:
         self.pool.shutdown()
         ray.kill(self.server, no_restart=True)
+        if self.data.server is not None:  # killed: a threaded actor left to exit on its own aborts in Ray
+            ray.kill(self.data.server, no_restart=True)
