@@ -36,9 +36,9 @@ def tracking(store):
 
 @pytest.fixture(scope="module")
 def fedavg_run(store, ray_session):
-    """A finished quickstart run (3 rounds), its model registered."""
+    """A finished quickstart run (2 rounds), its model registered."""
     tmp, uri = store
-    cfg = quickstart(tmp, QUICKSTART, "rounds=3", f"tracking.register_model={REGISTERED}")
+    cfg = quickstart(tmp, QUICKSTART, "rounds=2", f"tracking.register_model={REGISTERED}")
     return cfg, run_experiment(cfg, tracking_uri=uri, progress=False)
 
 
@@ -62,7 +62,7 @@ def test_logged_model_predicts_the_test_set_with_the_accuracy_the_run_reported(t
 def test_creff_model_predicts_with_the_retrained_classifier(store, tracking, ray_session):
     """CReFF scores `accuracy` with phi-hat, not the FedAvg head: the logged model does too."""
     tmp, uri = store
-    cfg = quickstart(tmp, QUICKSTART.with_name("quickstart_creff.yaml"), "rounds=2")
+    cfg = quickstart(tmp, QUICKSTART.with_name("quickstart_creff.yaml"), "rounds=1")
     result = run_experiment(cfg, tracking_uri=uri, progress=False)
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     assert model.unwrap_python_model().predictor.head == "retrained_classifier"
