@@ -351,6 +351,9 @@ class TrackingConfig(Section):
     tracking_uri: str | None = None
     """Default: --tracking-uri, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
     run_name: str | None = None
+    """Default: <name>-<algorithm>-s<seed>-<HHMMSS>-<first 4 of the run id> (distinct for every run)."""
+    register_model: str | None = Field(None, min_length=1, max_length=200, pattern=r"\S")
+    """Register the run's logged model (artifact `model`) in the MLflow Model Registry under this name."""
 
 
 class ExperimentConfig(Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,7 @@ def run_experiment(
                 if on_round is not None:
                     on_round(row, run_dir)
         summary = summarize(history)
-        _log_final(tracker, ds, history, summary, engine.state())
+        _log_final(tracker, cfg, ds, history, summary, engine.state())
     except BaseException as exc:
         tracker.finish(exc)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
@@ -181,9 +182,10 @@ def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: 
         tracker.resume(ckpt.run_id)
         sampler.set_state(ckpt.sampler)
         return run_dir, ckpt.round + 1, ckpt.history, sampler
-    tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                  flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
+    tracker.start(cfg.tracking.experiment, cfg.tracking.run_name, flatten(cfg.model_dump(mode="json")),
+                  _tags(cfg, ds), parent_run_id, default_name=f"{cfg.name}-{cfg.algorithm.name}-s{cfg.seed}")
     tracker.log_text("config.yaml", to_yaml(cfg))
+    _log_dataset(tracker, cfg, ds)
     tracker.log_file(partition_png)
     return storage.join(runs, tracker.run_id), 1, [], sampler
 
@@ -221,9 +223,20 @@ def _plot_partition(ds, folder: Path) -> Path:
     return path
 
 
-def _log_final(tracker: Tracker, ds, history: list[dict], summary: dict, state: dict) -> None:
+def _log_dataset(tracker: Tracker, cfg: ExperimentConfig, ds) -> None:
+    """Lineage: the prepared store as the run's training input, digest = the start of its
+    fingerprint (MLflow keeps 36 characters), the partition as tags."""
+    p = cfg.partition
+    tags = {"mlflow.data.context": "train", "fingerprint": ds.fingerprint, "partition.scheme": p.scheme,
+            "partition.num_clients": str(p.num_clients), "partition.dirichlet_alpha": str(p.dirichlet_alpha),
+            "data.imbalance_factor": str(cfg.data.imbalance_factor)}
+    tracker.log_dataset(ds.dataset, ds.fingerprint[:32], str(ds.path), tags)
+
+
+def _log_final(tracker: Tracker, cfg: ExperimentConfig, ds, history: list[dict], summary: dict, state: dict) -> None:
     from safetensors.torch import save_file
 
+    from fedplatform.tracking.mlflow_model import log_model
     from fedplatform.tracking.plots import plot_accuracy_curve, plot_per_class_accuracy
 
     tracker.log_json("summary.json", summary)
@@ -240,6 +253,9 @@ def _log_final(tracker: Tracker, ds, history: list[dict], summary: dict, state: 
                                     tmp / "per_class_accuracy.png")
             tracker.log_file(tmp / "accuracy_curve.png")
             tracker.log_file(tmp / "per_class_accuracy.png")
+    start = time.perf_counter()
+    log_model(tracker.uri, tracker.run_id, cfg, ds, state)
+    tracker.log_metrics(summary["rounds"], {"time/log_model_s": time.perf_counter() - start})
 
 
 class _Progress:

@@ -85,6 +85,10 @@ class Algorithm(abc.ABC):
     name: ClassVar[str]
     client_eval_splits: ClassVar[tuple[str, ...]] = ("val", "test")
     """Client splits the server passes to `evaluate_clients` (per_domain partitions)."""
+    predict_head: ClassVar[str | None] = None
+    """How a final state predicts outside the platform (`tracking.mlflow_model`): "classifier" (the
+    student network's own head), "retrained_classifier" (student features through the state's
+    `retrained_classifier.{weight,bias}`), or None: no exportable model, none is logged."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -101,6 +105,11 @@ class Algorithm(abc.ABC):
         and build what actors will only read (e.g. a frozen-CLIP feature cache). Returns the
         directories built, which reach nodes that lack them (`runtime.replicate`). Default: none."""
         return []
+
+    @classmethod
+    def inference_state(cls, state: State) -> State:
+        """The entries of a final state that `predict_head` needs (what the logged model keeps)."""
+        return state
 
     @abc.abstractmethod
     def init_server_state(self, seed: int) -> State:

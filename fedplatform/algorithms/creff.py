@@ -74,6 +74,8 @@ class CReFF(FedAvg):
     match_epoch 100 at lr_feature 0.1, crt_epoch 300 at lr_net 0.01 with batch `batch_size` (32),
     batch_real 32, dis_metric ours; local training = FedAvg's (SGD lr 0.1, 10 epochs, batch 32)."""
 
+    predict_head = "retrained_classifier"
+
     def __init__(self, ctx):
         super().__init__(ctx)
         with seeded_global_rng(0):
@@ -81,6 +83,11 @@ class CReFF(FedAvg):
         self.timings: dict[str, float] = {}
         """Seconds of the last `aggregate_finish`: fedavg_s (the streamed sums divided), match_s, retrain_s."""
         self.server_stats: dict[str, float] = {}
+
+    @classmethod
+    def inference_state(cls, state: State) -> State:
+        """What `evaluate` scores `accuracy` with: the FedAvg network and phi-hat (V stays behind)."""
+        return {**model_part(state), HEAD_W: state[HEAD_W], HEAD_B: state[HEAD_B]}
 
     # ------------------------------------------------------------------ hooks for CLIP2FL
 

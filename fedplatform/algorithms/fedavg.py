@@ -123,6 +123,8 @@ class FedAvg(SampleWeightedAggregation, Algorithm):
     batch 32, batch-shared crop/flip augmentation. The state is the model's flat state_dict, plus the
     moments of `algorithm.server_optimizer` when one steps the global model with the mean."""
 
+    predict_head = "classifier"
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self._model: nn.Module | None = None
@@ -152,6 +154,11 @@ class FedAvg(SampleWeightedAggregation, Algorithm):
         with seeded_global_rng(0):
             names = {n for n, p in self.build_model().named_parameters() if p.requires_grad}
         return ServerOptimizer(cfg, names)
+
+    @classmethod
+    def inference_state(cls, state: State) -> State:
+        """The network's state dict (no server optimizer moments)."""
+        return model_entries(state)
 
     def build_model(self) -> nn.Module:
         height, _, channels = input_shape(self.ctx.cfg, self.ctx.image_shape)

@@ -130,7 +130,9 @@ class Tracker:
                                              tags=dict([EXPERIMENT_KIND_TAG]))
 
     def start(self, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
-              parent_run_id: str | None = None) -> str:
+              parent_run_id: str | None = None, default_name: str = "run") -> str:
+        """A new run named `run_name`, else `<default_name>-<HHMMSS>-<first 4 of the run id>`: runs of one
+        pipeline get distinct names (MLflow's are random words)."""
         all_tags = dict(tags)
         if run_name:
             all_tags["mlflow.runName"] = run_name
@@ -138,6 +140,8 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self._experiment_id(experiment), tags=all_tags)
         self.run_id = run.info.run_id
+        if not run_name:
+            self.client.set_tag(self.run_id, "mlflow.runName", f"{default_name}-{time.strftime('%H%M%S')}-{self.run_id[:4]}")
         from mlflow.entities import Param
 
         items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
@@ -163,6 +167,16 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_dataset(self, name: str, digest: str, source: str, tags: dict[str, str]) -> None:
+        """Dataset lineage (`mlflow.log_input`): the dataset as an MLflow dataset input of the run,
+        `tags` on the input (e.g. the partition, context=train)."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(k, v) for k, v in tags.items()])])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

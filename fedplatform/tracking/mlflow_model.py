@@ -1,0 +1,151 @@
+"""The trained model as an MLflow pyfunc model, defined from code (`mlflow_model_code.py`), not pickled.
+
+`mlflow.pyfunc.load_model("runs:/<id>/model").predict(images)` takes uint8 images [N, H, W, C] as the
+prepared store keeps them (H, W, C = `input_shape` of `fedplatform_model.json`; encoded stores such
+as ImageNet-LT or PACS: RGB images already resized to S·256/224 and centre-cropped to S x S, the
+evaluation view) and returns float32 class probabilities [N, C]: normalisation with the dataset's
+mean/std, the student network, and the head the algorithm evaluates `accuracy` with (its own
+classifier, or CReFF/CLIP2FL's re-trained one). The model's artifacts are the weights
+(`model.safetensors`, only the entries prediction needs) and that JSON spec.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+from torch import nn
+
+SPEC_FORMAT = 1
+MODEL_NAME = "model"
+"""Artifact path of the logged model: runs:/<run id>/model."""
+CODE = Path(__file__).with_name("mlflow_model_code.py")
+"""The models-from-code entry MLflow copies into the model and runs at load time."""
+PREDICT_BATCH = 500
+"""Batches of the evaluation pass (`algorithms.base.EVAL_BATCH_SIZE`): the same numbers as the run's test metrics."""
+
+
+class Predictor(nn.Module):
+    """uint8 images [N, H, W, C] -> logits [N, C]: normalisation, the student, the algorithm's head."""
+
+    def __init__(self, spec: dict, weights: dict[str, torch.Tensor]):
+        from fedplatform.models.backbones import create_model
+
+        super().__init__()
+        height, _, channels = spec["input_shape"]
+        self.spec = spec
+        weights = dict(weights)
+        self.head = spec["head"]
+        if self.head == "retrained_classifier":
+            self.register_buffer("head_weight", weights.pop("retrained_classifier.weight"))
+            self.register_buffer("head_bias", weights.pop("retrained_classifier.bias"))
+        elif self.head != "classifier":
+            raise ValueError(f"fedplatform model spec: unknown head {self.head!r} (classifier, retrained_classifier)")
+        self.net = create_model(spec["model"], spec["num_classes"], in_channels=channels, image_size=height)
+        self.net.load_state_dict(weights)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from fedplatform.models.augment import normalize
+
+        x = normalize(images, self.spec["norm_mean"], self.spec["norm_std"])
+        if self.head == "classifier":
+            return self.net(x)
+        return self.net.features(x) @ self.head_weight.t() + self.head_bias  # as CReFF.evaluate computes it
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax of the logits, computed in evaluation-sized batches."""
+        images = torch.from_numpy(np.ascontiguousarray(images))
+        out = [torch.softmax(self(images[i:i + PREDICT_BATCH]), dim=1)
+               for i in range(0, len(images), PREDICT_BATCH)]
+        return (torch.cat(out) if out else torch.zeros(0, self.spec["num_classes"])).numpy()
+
+
+class FedplatformModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: rebuilds a `Predictor` from the `spec` and `weights` artifacts."""
+
+    def load_context(self, context) -> None:
+        from safetensors.torch import load_file
+
+        spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        self.predictor = Predictor(spec, load_file(context.artifacts["weights"]))
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        """uint8 images [N, H, W, C] -> class probabilities [N, num_classes] (float32)."""
+        return self.predictor.probabilities(np.asarray(model_input))
+
+
+def model_spec(cfg, ds, algorithm) -> dict:
+    from fedplatform import __version__
+    from fedplatform.algorithms.images import input_shape
+
+    return {
+        "format": SPEC_FORMAT,
+        "fedplatform_version": __version__,
+        "algorithm": cfg.algorithm.name,
+        "head": algorithm.predict_head,
+        "model": cfg.model.name,
+        "num_classes": ds.num_classes,
+        "class_names": list(ds.class_names),
+        "input_shape": list(input_shape(cfg, ds.image_shape)),
+        "input_dtype": "uint8",
+        "input_view": "pixels" if ds.image_shape is not None else
+                      f"RGB, resized to {cfg.model.input_size * 256 // 224} and centre-cropped to {cfg.model.input_size}",
+        "norm_mean": list(ds.norm_mean),
+        "norm_std": list(ds.norm_std),
+        "dataset": ds.dataset,
+        "dataset_fingerprint": ds.fingerprint,
+    }
+
+
+def log_model(tracking_uri: str, run_id: str, cfg, ds, state: dict[str, torch.Tensor]):
+    """Log the final `state` as the pyfunc model `model` of `run_id` (and register it under
+    tracking.register_model); None, logging nothing, for an algorithm without `predict_head`."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.types import Schema, TensorSpec
+    from safetensors.torch import save_file
+
+    from fedplatform.algorithms import get_algorithm
+
+    algorithm = get_algorithm(cfg.algorithm.name)
+    if algorithm.predict_head is None:
+        return None
+    spec = model_spec(cfg, ds, algorithm)
+    shape = tuple(spec["input_shape"])
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]))]))
+    example = ds.pixels(ds.test_ids[:2]) if ds.image_shape is not None and len(ds.test_ids) else \
+        np.zeros((1, *shape), np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, spec_file = Path(tmp) / "model.safetensors", Path(tmp) / "fedplatform_model.json"
+        save_file({k: v.contiguous() for k, v in algorithm.inference_state(state).items()}, str(weights))
+        spec_file.write_text(json.dumps(spec, indent=2))
+        with _use_tracking_uri(tracking_uri):
+            # Created here, in the run's experiment (Model.log alone files it under the active, default
+            # experiment, where runs:/<id>/model does not look), and linked to the run below: Model.log
+            # given the run would also copy every metric's history onto the model (~0.5 s).
+            client = mlflow.MlflowClient(tracking_uri)
+            logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_NAME,
+                                                source_run_id=run_id)
+            info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, model_id=logged.model_id,
+                             python_model=str(CODE), artifacts={"weights": str(weights), "spec": str(spec_file)},
+                             signature=signature, input_example=example, pip_requirements=requirements(),
+                             registered_model_name=cfg.tracking.register_model)
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=cfg.rounds)])
+    return info
+
+
+def requirements() -> list[str]:
+    """Declared, not inferred (inference would load the model in a subprocess: seconds per run)."""
+    import safetensors
+
+    from fedplatform import __version__
+
+    return [f"fedplatform=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
