@@ -205,9 +205,10 @@ def add_run(sub) -> None:
 
 def cmd_run(args) -> int:
     from fedplatform.config import load_config
+
+    cfg = load_config(args.pipeline, _overrides(args))  # a bad pipeline fails before the heavy imports
     from fedplatform.experiment import run_experiment
 
-    cfg = load_config(args.pipeline, _overrides(args))
     try:
         result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
                                 ray_address=args.ray_address)

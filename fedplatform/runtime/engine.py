@@ -240,7 +240,7 @@ class Engine:
                 wake = min(wake, min(lane[0][3] for lane in lanes if lane) + rt.client_timeout_s)
             ready, _ = ray.wait(list(heads), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
             if not ready and time.perf_counter() >= deadline:
-                names = sorted(cid for lane in lanes for _, cid, _, _ in lane)
+                names = sorted(lane[0][1] for lane in lanes if lane)  # not those queued behind them
                 raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={rt.round_timeout_s:g}; "
                                    f"clients still running: {names}")
             for ref in ready:
