@@ -100,10 +100,11 @@ def run_experiment(
     progress: bool = True,
     ray_address: str | None = None,
     runs_under: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary.
     The run directory is `<runs_under>/<MLflow run id>`, by default under runtime.storage (a sweep
-    trial passes its own folder there)."""
+    trial passes its own folder there); `tags` go on a new MLflow run (a trial's configuration)."""
     from fedplatform.data import prepare
 
     from fedplatform.algorithms import get_algorithm
@@ -133,7 +134,7 @@ def run_experiment(
         history, start_round = ckpt.history, ckpt.round + 1
     else:
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                      flatten(cfg.model_dump(mode="json")), _tags(cfg, ds), parent_run_id)
+                      flatten(cfg.model_dump(mode="json")), {**_tags(cfg, ds), **(tags or {})}, parent_run_id)
         run_dir, start_round = storage.join(runs, tracker.run_id), 1
         tracker.log_text("config.yaml", to_yaml(cfg))
         _log_partition(tracker, ds)
