@@ -23,7 +23,8 @@ METRICS = {  # column -> label
     "medium_shot_acc": "medium-shot", "few_shot_acc": "few-shot", "rounds": "rounds",
     "wall_time_s": "wall time (s)",
 }
-CAPTION = ("Mean ± sample standard deviation (ddof=1) over the n runs (seeds) of each configuration; "
+CAPTION = ("Mean ± sample standard deviation (ddof=1; none for a single run) over the n runs (seeds) of each "
+           "configuration; "
            "accuracy on the global test set at the last round (final) and at its best round; wall time = "
            "the sum of the rounds' wall time.")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -277,6 +278,9 @@ def plot_curves(rep: Report, path: Path) -> Path:
                           label=f"{_label(rep, row)} (n={row['n']})")
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
