@@ -25,7 +25,9 @@ def seeded_sweep(tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("seeds")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     path = write_space(tmp, space={"algorithm.lr": {"grid": LRS}}, seeds=SEEDS, scheduler={"name": "fifo"})
-    result = run_sweep(path, ["rounds=2"], tracking_uri=uri)
+    # half a CPU for the server and the client actor: all 4 trials at once on the session's 4 CPUs
+    result = run_sweep(path, ["rounds=2", "runtime.server_resources.num_cpus=0.5",
+                              "runtime.client_resources.num_cpus=0.5"], tracking_uri=uri)
     return tmp, uri, result
 
 
@@ -79,7 +81,7 @@ def test_report_table_means_and_stds_equal_the_child_runs_recomputed(seeded_swee
         assert f"{final[0]:.4f} ± {final[1]:.4f}" in line and line in printed
         assert f"${final[0]:.4f} \\pm {final[1]:.4f}$" in latex
         assert row["rounds_mean"] == "2.0" and row["rounds_std"] == "0.0"
-    assert "sample standard deviation (ddof=1)" in markdown and "ddof=1" in latex
+    assert "sample standard deviation (ddof=1;" in markdown and "ddof=1" in latex
 
 
 def test_report_finds_a_sweep_by_name_under_storage_with_its_own_tracking_store(seeded_sweep, tmp_path, capsys):
