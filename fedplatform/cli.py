@@ -284,6 +284,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def add_report(sub) -> None:
+    p = sub.add_parser("report", parents=[_COMMON],
+                       help="table over seeds (mean ± std per configuration) from a sweep, an experiment or runs")
+    p.add_argument("source", nargs="+",
+                   help="a sweep directory or name (under <storage>/sweeps), an MLflow experiment name, or run ids")
+    p.add_argument("--out", default="report", metavar="DIR",
+                   help="where report.md, report.csv, report.tex and accuracy_curves.png go (default: ./report)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a sweep's own, else $MLFLOW_TRACKING_URI "
+                                          "or sqlite:///mlflow.db)")
+    _add_storage_arg(p)
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from fedplatform.report import report, to_markdown
+
+    rep, files = report(args.source, args.out, tracking_uri=args.tracking_uri, storage_root=args.storage)
+    print(to_markdown(rep))
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return 0
+
+
 def add_ui(sub) -> None:
     p = sub.add_parser("ui", parents=[_COMMON], help="open the MLflow UI on the project's tracking store")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -336,7 +358,7 @@ def cmd_cache_build(args) -> int:
 
 # ---------------------------------------------------------------------------- entry point
 
-COMMANDS = [add_version, add_data, add_run, add_sweep, add_cache, add_ui]
+COMMANDS = [add_version, add_data, add_run, add_sweep, add_report, add_cache, add_ui]
 """Top-level commands, in --help order (run, sweep, cache and ui add themselves here)."""
 
 

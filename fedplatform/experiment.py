@@ -102,10 +102,11 @@ def run_experiment(
     progress: bool = True,
     ray_address: str | None = None,
     runs_under: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary.
     The run directory is `<runs_under>/<MLflow run id>`, by default under runtime.storage (a sweep
-    trial passes its own folder there)."""
+    trial passes its own folder there); `tags` go on a new MLflow run (a trial's configuration)."""
     from fedplatform.data import prepare
 
     from fedplatform.algorithms import get_algorithm
@@ -137,7 +138,7 @@ def run_experiment(
             tracker = tracker_ready.result()
             engine.wait_ready()
             run_dir, start_round, history, sampler = _start_tracking(cfg, ds, tracker, resumed, runs, parent_run_id,
-                                                                      plot.result() if plot else None)
+                                                                      tags, plot.result() if plot else None)
         except BaseException:
             engine.shutdown()
             raise
@@ -173,7 +174,7 @@ def run_experiment(
 
 
 def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: str, parent_run_id: str | None,
-                    partition_png: Path | None) -> tuple[str, int, list[dict], ClientSampler]:
+                    tags: dict[str, str] | None, partition_png: Path | None) -> tuple[str, int, list[dict], ClientSampler]:
     """Open the MLflow run (a new one, or the resumed run's) once the actors are up, so an actor that
     cannot start leaves no run behind. Returns (run dir, first round, history so far, sampler)."""
     sampler = ClientSampler(cfg.seed, ds.client_ids, cfg.clients_per_round)
@@ -183,7 +184,7 @@ def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: 
         sampler.set_state(ckpt.sampler)
         return run_dir, ckpt.round + 1, ckpt.history, sampler
     tracker.start(cfg.tracking.experiment, cfg.tracking.run_name, flatten(cfg.model_dump(mode="json")),
-                  _tags(cfg, ds), parent_run_id, default_name=f"{cfg.name}-{cfg.algorithm.name}-s{cfg.seed}")
+                  {**_tags(cfg, ds), **(tags or {})}, parent_run_id, default_name=f"{cfg.name}-{cfg.algorithm.name}-s{cfg.seed}")
     tracker.log_text("config.yaml", to_yaml(cfg))
     _log_dataset(tracker, cfg, ds)
     tracker.log_file(partition_png)

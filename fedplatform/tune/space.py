@@ -115,6 +115,9 @@ class SweepSpec(_Spec):
     mode: Literal["max", "min"] = "max"
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     """Searcher seed (optuna; basic random draws)."""
+    seeds: list[int] | None = None
+    """Run seeds: every configuration of the space runs once per seed (replicas, each with that
+    `seed`), so `fedplatform report` can give mean and std over seeds. Grid spaces, FIFO only."""
 
     @model_validator(mode="after")
     def _checks(self):
@@ -125,6 +128,8 @@ class SweepSpec(_Spec):
                              f"{', '.join(REPORTED_METRICS)} (or a time/, comm/, memory/, domain/ metric)")
         if isinstance(self.max_concurrent_trials, int) and self.max_concurrent_trials < 1:
             raise ValueError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 or 'auto'")
+        if self.seeds is not None:
+            self._check_seeds()
         if self.searcher == "optuna":
             grids = [k for k, d in self.space.items() if d.kind == "grid"]
             if grids:
@@ -132,6 +137,38 @@ class SweepSpec(_Spec):
                                  "(Optuna samples; use choice, or searcher: basic for a grid)")
         return self
 
+    def _check_seeds(self) -> None:
+        seeds = self.seeds
+        if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s <= 2**32 - 1 for s in seeds):
+            raise ValueError(f"seeds: {seeds} must be a non-empty list of distinct run seeds in 0..2**32-1")
+        if "seed" in self.space or "seed" in self.set:
+            raise ValueError("give the run seeds either as seeds: or as space.seed / set.seed, not both")
+        sampled = [f"space.{k}: {d.kind}" for k, d in self.space.items() if d.kind != "grid"]
+        if self.searcher != "basic" or sampled:
+            got = f"searcher: {self.searcher}" if self.searcher != "basic" else sampled[0]
+            raise ValueError(f"seeds need searcher: basic over grid values only, so that every seed runs the same "
+                             f"configurations (got {got}); list the values to compare as grid")
+        if self.scheduler.name != "fifo":
+            raise ValueError(f"seeds need scheduler: fifo (got {self.scheduler.name}): an early-stopping scheduler "
+                             "would cut some seeds of a configuration short and not others")
+        if self.num_samples != 1:
+            raise ValueError(f"num_samples={self.num_samples} with seeds would run each (configuration, seed) "
+                             "more than once; leave num_samples at 1")
+
+    @property
+    def trials(self) -> int:
+        """Trials a grid sweep runs: num_samples x every grid combination x seeds."""
+        return (self.num_samples * math.prod(len(d.grid) for d in self.space.values() if d.kind == "grid")
+                * len(self.seeds or [None]))
+
+    def param_space(self) -> dict:
+        """Tune's param_space: the distributions, and the run seeds as one more grid axis."""
+        from ray import tune
+
+        space = {k: d.to_tune() for k, d in self.space.items()}
+        if self.seeds:
+            space["seed"] = tune.grid_search(list(self.seeds))
+        return space
 
 
 def _spec_error(path: Path, err: dict) -> str:

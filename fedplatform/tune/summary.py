@@ -60,7 +60,7 @@ def summarize(grid, spec: SweepSpec, keys: list[str], cfg: ExperimentConfig, nam
     with tempfile.TemporaryDirectory() as tmp:  # drawn here, then copied to the sweep dir and MLflow
         plots = []
         for key in keys:
-            if key == "algorithm.name":
+            if key in ("algorithm.name", "seed"):  # seeds are replicas, not a value to compare
                 continue
             plots.append(Path(tmp) / f"accuracy_vs_{key.replace('.', '_')}.png")
             plot_sweep_metric(done, key, "accuracy", plots[-1])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -96,15 +95,18 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         params.update({"sweep.searcher": spec.searcher, "sweep.scheduler": spec.scheduler.name,
                        "sweep.num_samples": spec.num_samples, "sweep.metric": spec.metric,
                        "sweep.mode": spec.mode, "sweep.max_concurrent_trials": concurrency})
+        if spec.seeds:
+            params["sweep.seeds"] = json.dumps(spec.seeds)
         params.update({f"base.{k}": v for k, v in flatten(cfg.model_dump(mode="json")).items()})
         parent_run_id = tracker.start(cfg.tracking.experiment, f"sweep {name}", params,
                                       {"fedplatform.kind": "sweep", "sweep.name": name})
         tracker.log_text("space.yaml", space_path.read_text())
         tracker.log_text("base_config.yaml", to_yaml(cfg))
         storage.write_bytes(storage.join(sweep_dir, SWEEP_STATE),
-                            json.dumps({"parent_run_id": parent_run_id, "space": str(space_path.resolve())}).encode())
+                            json.dumps({"parent_run_id": parent_run_id, "space": str(space_path.resolve()),
+                                       "tracking_uri": uri}).encode())
 
-    keys = list(spec.space)
+    keys = list(spec.space) + (["seed"] if spec.seeds else [])
     trainable = tune.with_parameters(run_trial, base=base, keys=keys, tracking_uri=uri,
                                      parent_run_id=parent_run_id, sweep=name)
 
@@ -119,7 +121,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         if resume:
             tuner = tune.Tuner.restore(storage.join(sweep_dir, "tune"), trainable=trainable, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space={k: d.to_tune() for k, d in spec.space.items()},
+            tuner = tune.Tuner(trainable, param_space=spec.param_space(),
                                tune_config=_tune_config(spec, cfg, concurrency),
                                run_config=tune.RunConfig(
                                    name="tune", storage_path=sweep_dir, verbose=verbose,
@@ -165,9 +167,8 @@ def _interrupted(spec: SweepSpec, tune_dir: str) -> bool:
     TERMINATED); its saved state then lacks trials, or still has some pending or running."""
     from ray.tune import ExperimentAnalysis
 
-    total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid")
     saved = ExperimentAnalysis(tune_dir).trials
-    return len(saved) < total or any(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    return len(saved) < spec.trials or any(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
 def _tune_config(spec: SweepSpec, cfg: ExperimentConfig, concurrency: int):

@@ -113,6 +113,8 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
         if row["round"] < cfg.rounds:
             report(row, run_dir)
 
+    # replicas of one configuration over seeds share this tag: what `fedplatform report` groups by
+    tags = {"sweep.name": sweep, "sweep.config": _trial_name(config, [k for k in keys if k != "seed"]) or "base"}
     result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
-                            on_round=on_round, progress=False, runs_under=runs_dir)
+                            on_round=on_round, progress=False, runs_under=runs_dir, tags=tags)
     report(result.history[-1], result.run_dir)
