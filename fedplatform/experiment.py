@@ -184,7 +184,8 @@ def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: 
         sampler.set_state(ckpt.sampler)
         return run_dir, ckpt.round + 1, ckpt.history, sampler
     tracker.start(cfg.tracking.experiment, cfg.tracking.run_name, flatten(cfg.model_dump(mode="json")),
-                  {**_tags(cfg, ds), **(tags or {})}, parent_run_id, default_name=f"{cfg.name}-{cfg.algorithm.name}-s{cfg.seed}")
+                  {**_tags(cfg, ds), **(tags or {})}, parent_run_id,
+                  default_name=f"{cfg.name}-{cfg.algorithm.name}-s{cfg.seed}")
     tracker.log_text("config.yaml", to_yaml(cfg))
     _log_dataset(tracker, cfg, ds)
     tracker.log_file(partition_png)
