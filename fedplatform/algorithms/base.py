@@ -80,7 +80,7 @@ class ClientUpdate:
 
 
 class Algorithm(abc.ABC):
-    """Base of every federated algorithm; subclasses register with `@register_algorithm(name)`."""
+    """Base of every federated algorithm; subclasses register with `@register_algorithm(name, config=...)`."""
 
     name: ClassVar[str]
     client_eval_splits: ClassVar[tuple[str, ...]] = ("val", "test")
