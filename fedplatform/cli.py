@@ -71,10 +71,10 @@ def add_data_describe(sub) -> None:
 
 
 def cmd_data_describe(args) -> int:
-    from fedplatform.config import load_config
+    import fedplatform
     from fedplatform.data import prepare
 
-    cfg = load_config(args.pipeline, args.overrides)
+    cfg = fedplatform.load_config(args.pipeline, args.overrides)
     if args.plot:
         _check_plot_path(args.plot)
     ds = prepare(cfg, rebuild=args.rebuild)
@@ -204,14 +204,12 @@ def add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from fedplatform.config import load_config
+    import fedplatform
 
-    cfg = load_config(args.pipeline, _overrides(args))  # a bad pipeline fails before the heavy imports
-    from fedplatform.experiment import run_experiment
-
+    cfg = fedplatform.load_config(args.pipeline, _overrides(args))
     try:
-        result = run_experiment(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
-                                ray_address=args.ray_address)
+        result = fedplatform.run(cfg, tracking_uri=args.tracking_uri, resume=args.resume,
+                                 ray_address=args.ray_address, progress=True)
     except RunInterrupted as exc:
         again = ["--ray-address", args.ray_address] if args.ray_address else []
         return _interrupted(args, "run", args.pipeline, *again, "--resume", exc.run_id)
@@ -273,10 +271,10 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from fedplatform.tune import run_sweep
+    import fedplatform
 
     try:
-        result = run_sweep(args.space, _overrides(args), tracking_uri=args.tracking_uri, resume=args.resume)
+        result = fedplatform.sweep(args.space, _overrides(args), tracking_uri=args.tracking_uri, resume=args.resume)
     except KeyboardInterrupt:
         return _interrupted(args, "sweep", args.space, "--resume")
     print(result.table())

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from fedplatform.errors import UserError
 
@@ -277,16 +278,48 @@ class CLIP2FLConfig(CReFFConfig):
     """Underscores in class names to spaces (the reference keeps them)."""
 
 
-ALGORITHM_CONFIGS: dict[str, type[Section]] = {
-    "fedavg": FedAvgConfig,
-    "fedprox": FedProxConfig,
-    "synthetic": SyntheticConfig,
-    "fedclip": FedCLIPConfig,
-    "creff": CReFFConfig,
-    "clip2fl": CLIP2FLConfig,
-}
-ALGORITHM_NAMES = tuple(ALGORITHM_CONFIGS)
-AlgorithmConfig = Annotated[Union[tuple(ALGORITHM_CONFIGS.values())], Field(discriminator="name")]
+ALGORITHM_CONFIGS: dict[str, type[BaseModel]] = {}
+"""Registered algorithm config models by algorithm name (the built-in ones below; plug-ins add theirs
+with `register_algorithm(name, config=...)`). The `algorithm` section is validated against the one
+its `name` picks."""
+
+
+def register_algorithm_config(name: str, config: type[BaseModel]) -> type[BaseModel]:
+    """Register `config` (a pydantic model, ideally a `Section`) as the settings of algorithm `name`.
+    A model without a `name` field equal to `name` gets one (`name: Literal[name]`)."""
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise TypeError(f"algorithm {name!r}: config must be a pydantic model class, got {config!r}")
+    field = config.model_fields.get("name")
+    if field is None or field.default != name:
+        config = create_model(config.__name__, __base__=config, __module__=config.__module__,
+                              name=(Literal[name], name))
+    known = ALGORITHM_CONFIGS.setdefault(name, config)
+    if (known.__module__, known.__qualname__) != (config.__module__, config.__qualname__):
+        raise ValueError(f"algorithm '{name}' already has a config ({known.__module__}.{known.__qualname__})")
+    return known
+
+
+for _name, _config in {"fedavg": FedAvgConfig, "fedprox": FedProxConfig, "synthetic": SyntheticConfig,
+                       "fedclip": FedCLIPConfig, "creff": CReFFConfig, "clip2fl": CLIP2FLConfig}.items():
+    register_algorithm_config(_name, _config)
+
+
+def algorithm_config(name: Any) -> type[BaseModel]:
+    """The config model of algorithm `name`: registered, else from the installed entry point of that
+    name (`fedplatform.plugins`); ValueError listing the known ones."""
+    from fedplatform.plugins import ALGORITHM_GROUP, entry_point_names, load_entry_point
+
+    if isinstance(name, str) and name not in ALGORITHM_CONFIGS:
+        load_entry_point(ALGORITHM_GROUP, name)
+        if name in entry_point_names(ALGORITHM_GROUP) and name not in ALGORITHM_CONFIGS:
+            raise ValueError(f"algorithm.name={name!r}: its entry point loaded but registered no algorithm of that "
+                             f"name; decorate its class with @register_algorithm({name!r}, config=...)")
+    if name not in ALGORITHM_CONFIGS:
+        known = list(ALGORITHM_CONFIGS) + [n for n in entry_point_names(ALGORITHM_GROUP) if n not in ALGORITHM_CONFIGS]
+        bad = f"algorithm.name={name!r} is not a known algorithm" if name is not None else "algorithm needs a name"
+        raise ValueError(f"{bad}; choose one of {', '.join(known)} (or list the module that registers it "
+                         "under plugins:)")
+    return ALGORITHM_CONFIGS[name]
 
 
 def default_storage() -> str:
@@ -366,7 +399,11 @@ class ExperimentConfig(Section):
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
     clip: ClipConfig = ClipConfig()
-    algorithm: AlgorithmConfig = FedAvgConfig()
+    plugins: list[str] = []
+    """Modules the driver and every actor import before the algorithm section is validated: they
+    register plug-in algorithms and models (`fedplatform.plugins`); installed entry points need no entry."""
+    algorithm: SerializeAsAny[BaseModel] = FedAvgConfig()
+    """Validated against the config model registered for its `name` (ALGORITHM_CONFIGS)."""
     rounds: int = Field(200, ge=1)
     clients_per_round: int = Field(8, ge=1)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # reads $FEDPLATFORM_STORAGE now
@@ -374,11 +411,29 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_algorithm_name(cls, raw):
-        algo = raw.get("algorithm") if isinstance(raw, dict) else None
-        if isinstance(algo, dict) and "name" not in algo:
-            raw["algorithm"] = {"name": "fedavg", **algo}
-        return raw
+    def _algorithm_section(cls, raw):
+        """Import the plug-ins, then validate `algorithm` against its name's config (default fedavg)."""
+        from fedplatform.plugins import import_plugins
+
+        if not isinstance(raw, dict):
+            return raw
+        plugins = raw.get("plugins", [])
+        if not isinstance(plugins, list) or not all(isinstance(p, str) and p.strip() for p in plugins):
+            raise ValueError(f"plugins={shorten(plugins)} must be a list of module names, e.g. [mypackage.algorithms]")
+        import_plugins(plugins)
+        algo = raw.get("algorithm")
+        if isinstance(algo, BaseModel) or algo is None and "algorithm" not in raw:
+            return raw
+        if not isinstance(algo, dict):
+            raise ValueError(f"algorithm={shorten(algo)} is invalid: it must be a section (name: ALGORITHM and "
+                             "its settings)")
+        name = algo.get("name", "fedavg")
+        config = algorithm_config(name)
+        try:
+            section = config.model_validate({**algo, "name": name})
+        except ValidationError as exc:
+            raise ValueError(_error_line(exc.errors()[0], config, "algorithm", f"algorithm.name={name}")) from None
+        return {**raw, "algorithm": section}
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -433,25 +488,29 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 
 _TAGGED_SECTIONS: dict[str, tuple[dict[str, type[Section]], str]] = {
-    "algorithm": (ALGORITHM_CONFIGS, "algorithm"),
     "algorithm.server_optimizer": (SERVER_OPTIMIZER_CONFIGS, "server optimizer"),
 }
 """Sections chosen by their `name` (discriminated unions): their configs and what they are called."""
 
 
-def _error_line(err: dict) -> str:
-    # discriminated unions insert the tag into the location: algorithm.fedavg.lr -> algorithm.lr
-    loc, section, chosen = "", None, ""
-    for part in (str(p) for p in err["loc"] if not str(p).startswith("function-")):
+def _error_line(err: dict, model: type[BaseModel] | None = None, loc: str = "", chosen: str = "") -> str:
+    """One readable line for pydantic error `err` of `model` (ExperimentConfig) whose location
+    starts under `loc`; `chosen` names how that section was picked (algorithm.name=fedavg)."""
+    model = model or ExperimentConfig
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    for i, part in enumerate(parts):
+        # discriminated unions insert the tag into the location: x.server_optimizer.fedadam.lr -> x.server_optimizer.lr
         if loc in _TAGGED_SECTIONS and part in _TAGGED_SECTIONS[loc][0]:
-            section, chosen = _TAGGED_SECTIONS[loc][0][part], f"{loc}.name={part}"
+            model, chosen = _TAGGED_SECTIONS[loc][0][part], f"{loc}.name={part}"
             continue
         loc = f"{loc}.{part}" if loc else part
+        if i < len(parts) - 1:
+            model, chosen = _field_model(model, part), ""
     value = err.get("input")
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = sorted(section.model_fields) if section else _allowed_keys(loc)
-        here = f"for {chosen}" if section else "here"
+        allowed = sorted(model.model_fields) if model else ["(see the configuration reference in README.md)"]
+        here = f"for {chosen}" if chosen else "here"
         return f"unknown key '{loc}'; allowed keys {here}: {', '.join(allowed)}"
     if kind in ("union_tag_invalid", "union_tag_not_found") and loc in _TAGGED_SECTIONS:
         configs, what = _TAGGED_SECTIONS[loc]
@@ -464,16 +523,10 @@ def _error_line(err: dict) -> str:
     return f"{loc}={shown} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
 
 
-def _allowed_keys(loc: str) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
-    for part in loc.split(".")[:-1]:
-        field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return ["(see the configuration reference in README.md)"]
-    return sorted(model.model_fields)
+def _field_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The section model of field `key` of `model`, or None when it is not one section."""
+    ann = getattr(model.model_fields.get(key) if model else None, "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not BaseModel else None
 
 
 def validate(raw: dict) -> ExperimentConfig:

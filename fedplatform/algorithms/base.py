@@ -80,7 +80,7 @@ class ClientUpdate:
 
 
 class Algorithm(abc.ABC):
-    """Base of every federated algorithm; subclasses register with `@register_algorithm(name)`."""
+    """Base of every federated algorithm; subclasses register with `@register_algorithm(name, config=...)`."""
 
     name: ClassVar[str]
     client_eval_splits: ClassVar[tuple[str, ...]] = ("val", "test")
@@ -173,7 +173,18 @@ class Algorithm(abc.ABC):
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+def register_algorithm(name: str, config: type | None = None) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Register an Algorithm subclass under `name`, with `config` (a pydantic model, e.g. a
+    `fedplatform.config.Section`) as the settings its `algorithm:` section is validated against.
+    Built-in algorithms have theirs registered in `fedplatform.config`, so validating a config
+    never imports torch."""
+    from fedplatform.config import ALGORITHM_CONFIGS, register_algorithm_config
+
+    if config is not None:
+        register_algorithm_config(name, config)
+    elif name not in ALGORITHM_CONFIGS:
+        raise TypeError(f"algorithm '{name}' needs its config model: @register_algorithm({name!r}, config=...)")
+
     def decorator(cls: type[Algorithm]) -> type[Algorithm]:
         if name in ALGORITHMS and ALGORITHMS[name] is not cls:
             raise ValueError(f"algorithm '{name}' is already registered")
@@ -185,10 +196,17 @@ def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
+    """The algorithm registered as `name`, loading its plug-in entry point if needed."""
+    from fedplatform.plugins import ALGORITHM_GROUP, entry_point_names, load_entry_point
+
     if name not in ALGORITHMS:
-        raise UserError(
-            f"algorithm.name={name!r} is not a known algorithm; choose one of {', '.join(sorted(ALGORITHMS))}"
-        )
+        try:
+            load_entry_point(ALGORITHM_GROUP, name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if name not in ALGORITHMS:
+        known = sorted(set(ALGORITHMS) | set(entry_point_names(ALGORITHM_GROUP)))
+        raise UserError(f"algorithm.name={name!r} is not a known algorithm; choose one of {', '.join(known)}")
     return ALGORITHMS[name]
 
 

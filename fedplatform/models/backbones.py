@@ -8,6 +8,7 @@ apply `classifier` themselves.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -33,8 +34,20 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 def check_model_name(name: str) -> None:
+    """A registered model, or one an installed `fedplatform.models` entry point of that name provides
+    (a module that registers it, or the builder itself)."""
+    from fedplatform.plugins import MODEL_GROUP, entry_point_names, load_entry_point
+
     if name not in MODELS:
-        raise UserError(f"model.name={name!r} is not a known model; choose one of {', '.join(sorted(MODELS))}")
+        try:
+            builder = load_entry_point(MODEL_GROUP, name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if name not in MODELS and callable(builder) and not inspect.ismodule(builder):
+            register_model(name)(builder)
+    if name not in MODELS:
+        known = sorted(set(MODELS) | set(entry_point_names(MODEL_GROUP)))
+        raise UserError(f"model.name={name!r} is not a known model; choose one of {', '.join(known)}")
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:

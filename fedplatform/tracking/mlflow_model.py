@@ -33,8 +33,10 @@ class Predictor(nn.Module):
 
     def __init__(self, spec: dict, weights: dict[str, torch.Tensor]):
         from fedplatform.models.backbones import create_model
+        from fedplatform.plugins import import_plugins
 
         super().__init__()
+        import_plugins(spec.get("plugins", []))  # the run's plug-in model, if any
         height, _, channels = spec["input_shape"]
         self.spec = spec
         weights = dict(weights)
@@ -89,6 +91,7 @@ def model_spec(cfg, ds, algorithm) -> dict:
         "algorithm": cfg.algorithm.name,
         "head": algorithm.predict_head,
         "model": cfg.model.name,
+        "plugins": list(cfg.plugins),
         "num_classes": ds.num_classes,
         "class_names": list(ds.class_names),
         "input_shape": list(input_shape(cfg, ds.image_shape)),
@@ -149,3 +152,27 @@ def requirements() -> list[str]:
 
     return [f"fedplatform=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+
+
+def load_predictor(run: str, tracking_uri: str | None = None) -> Predictor:
+    """A `Predictor` from a logged model: a local model directory, a `runs:/` or `models:/` URI, or a
+    run id (its `model` artifact), downloaded from the tracking store `tracking_uri` (default as `run`)."""
+    from safetensors.torch import load_file
+
+    from fedplatform.errors import UserError
+    from fedplatform.tracking.mlflow_run import resolve_uri
+
+    folder = Path(run).expanduser()
+    if not folder.is_dir():
+        uri = run if "://" in run or run.startswith(("runs:/", "models:/")) else f"runs:/{run}/{MODEL_NAME}"
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                              tracking_uri=resolve_uri(tracking_uri, None)))
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing run or model
+            raise UserError(f"load_model({run!r}): no logged model there ({str(exc).splitlines()[0]}); give a run "
+                            "id of a finished run with a model, a runs:/ or models:/ URI, or a model directory") from None
+    specs = sorted(folder.rglob("fedplatform_model.json"))
+    if not specs:
+        raise UserError(f"load_model({run!r}): {folder} holds no fedplatform_model.json; give the directory of a "
+                        "model fedplatform logged (the run's `model` artifact)")
+    return Predictor(json.loads(specs[0].read_text()), load_file(str(specs[0].with_name("model.safetensors"))))
