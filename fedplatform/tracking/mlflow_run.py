@@ -175,8 +175,17 @@ class Tracker:
         from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
+        from mlflow.exceptions import MlflowException
+
         dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(k, v) for k, v in tags.items()])])
+        inputs = [DatasetInput(dataset, [InputTag(k, v) for k, v in tags.items()])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # Sweep trials starting together insert the same dataset row at once: one wins the
+            # unique (experiment, name, digest) key, the others then find it and link to it.
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, inputs)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
