@@ -8,6 +8,8 @@ import pytest
 
 from fake_cluster import run_cluster_script
 
+pytestmark = pytest.mark.cluster  # a two-node Ray cluster of its own, in a subprocess
+
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import ray
