@@ -109,3 +109,13 @@ def test_server_memory_does_not_grow_with_clients_per_round_and_weights_equal_al
     assert state.keys() == expected.keys()
     for key in expected:
         assert torch.equal(state[key], expected[key]), key
+
+
+def test_synthetic_checks_its_model_name_on_the_driver(tmp_path):
+    from fedplatform.algorithms.synthetic import Synthetic
+    from fedplatform.errors import UserError
+
+    cfg = make_cfg(tmp_path, 4)
+    Synthetic.check(cfg)
+    with pytest.raises(UserError, match="model.name='resnet9' is not a known model"):
+        Synthetic.check(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": "resnet9"})}))

@@ -15,13 +15,18 @@ import torch
 from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
 from fedplatform.algorithms.fedavg import SampleWeightedAggregation
 from fedplatform.algorithms.images import input_shape
-from fedplatform.models.backbones import create_model
+from fedplatform.models.backbones import check_model_name, create_model
 
 BALLAST = "ballast"
 
 
 @register_algorithm("synthetic")
 class Synthetic(SampleWeightedAggregation, Algorithm):
+    @classmethod
+    def check(cls, cfg) -> None:
+        """A known model: its payload is what the clients carry."""
+        check_model_name(cfg.model.name)
+
     def init_server_state(self, seed: int) -> State:
         h, _, c = input_shape(self.ctx.cfg, self.ctx.image_shape)
         with seeded_global_rng(seed):
