@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,33 +145,82 @@ def run_experiment(
             raise
     log.info("MLflow run %s, checkpoints in %s", tracker.run_id, run_dir)
     engine.on_drop = lambda r, cid, reason, detail: _log_drop(tracker, r, cid, reason, detail)
+    recorder = _Recorder(background=on_round is None)
     try:
         with _Progress(cfg.rounds, start_round - 1, enabled=progress) as bar:
             for r in range(start_round, cfg.rounds + 1):
                 evaluate = r % cfg.runtime.eval_every == 0 or r == cfg.rounds
                 row = engine.run_round(r, sampler.sample(), evaluate)
                 history.append(row)
-                tracker.log_metrics(r, {k: v for k, v in row.items() if isinstance(v, (int, float))
-                                        and k != "round"})
+                ckpt = state = None
                 if r % cfg.runtime.checkpoint_every == 0 or r == cfg.rounds:
-                    ckpt_io.save(run_dir, Checkpoint(r, tracker.run_id, sampler.get_state(),
-                                                     cfg.model_dump(mode="json"), ds.fingerprint,
-                                                     ckpt_io.jsonable(history), dropped=_dropped(history)),
-                                 engine.state())
-                bar.update(row)
+                    ckpt = Checkpoint(r, tracker.run_id, sampler.get_state(), cfg.model_dump(mode="json"),
+                                      ds.fingerprint, list(history), dropped=_dropped(history))
+                    state = engine.state_ref()  # the server's state after round r, whenever it is fetched
+                recorder.submit(_record, tracker, run_dir, row, ckpt, state, bar)
                 if on_round is not None:
                     on_round(row, run_dir)
+            recorder.flush()
         summary = summarize(history)
         _log_final(tracker, cfg, ds, history, summary, engine.state())
     except BaseException as exc:
+        recorder.close()  # the rounds that ran are recorded before the run is marked failed or killed
         tracker.finish(exc)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
             raise RunInterrupted(tracker.run_id) from exc
         raise
     finally:
+        recorder.close()
         engine.shutdown()
     tracker.finish()
     return RunResult(tracker.run_id, run_dir, history, summary)
+
+
+def _record(tracker: Tracker, run_dir: str, row: dict, ckpt: Checkpoint | None, state, bar: "_Progress") -> None:
+    """One round's record: its metrics in MLflow, its checkpoint, and only then its progress line,
+    so a round reported as done is in MLflow and in the checkpoint whatever happens next."""
+    tracker.log_metrics(row["round"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"})
+    if ckpt is not None:
+        ckpt.history = ckpt_io.jsonable(ckpt.history)
+        ckpt_io.save(run_dir, ckpt, ray.get(state))
+    bar.update(row)
+
+
+class _Recorder:
+    """Writes each round's record on one background thread while the next round runs (MLflow and
+    the checkpoint off the critical path), one round at a time: `submit` first waits for the
+    previous record, `flush` for the last, and both re-raise a record's error. With
+    `background=False` (a sweep trial, which reports each checkpoint to Tune) it writes in place."""
+
+    def __init__(self, background: bool):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="record") if background else None
+        self.pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.flush()
+        if self.pool is None:
+            fn(*args)
+        else:
+            self.pending = self.pool.submit(fn, *args)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        try:
+            self.pending.result()  # a Ctrl-C while waiting leaves it pending, for close()
+        except Exception:
+            self.pending = None
+            raise
+        self.pending = None
+
+    def close(self) -> None:
+        """After a failure: finish the record in flight; its own error is only logged."""
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("the last round's record could not be written: %s", exc)
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _start_tracking(cfg: ExperimentConfig, ds, tracker: Tracker, resumed, runs: str, parent_run_id: str | None,
@@ -261,30 +311,40 @@ def _log_final(tracker: Tracker, cfg: ExperimentConfig, ds, history: list[dict],
 
 
 class _Progress:
-    """A live bar with round, accuracy and time per round (stderr; silent when disabled)."""
+    """Progress on stderr (silent when disabled): a live bar with round, accuracy and time per round
+    on a terminal; one line per round otherwise (logs of `ray job submit`, CI, pipes)."""
 
     def __init__(self, total: int, done: int, enabled: bool):
         self.total, self.done, self.enabled = total, done, enabled
+        self.bar = None
 
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                console=Console(stderr=True))
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
+            console = Console(stderr=True)
+            if console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
+        self.start = time.perf_counter()
         return self
 
     def update(self, row: dict) -> None:
         if not self.enabled:
             return
-        acc = f"acc {row['accuracy']:.4f}  " if "accuracy" in row else ""
-        self.bar.update(self.task, advance=1, info=f"{acc}{row['time/round_s']:.2f} s/round")
+        info = (f"acc {row['accuracy']:.4f}  " if "accuracy" in row else "") + f"{row['time/round_s']:.2f} s/round"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+        else:
+            elapsed = int(time.perf_counter() - self.start)
+            print(f"round {row['round']}/{self.total}  {info}  {elapsed // 60}:{elapsed % 60:02d}",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()
         return False

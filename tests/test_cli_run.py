@@ -86,6 +86,34 @@ def test_ctrl_c_prints_the_exact_resume_command_and_it_continues_the_same_run(tm
     assert [m.step for m in client.get_metric_history(run_dir.name, "accuracy")] == [1, 2, 3, 4]
 
 
+def test_sigkill_right_after_a_rounds_line_loses_nothing_that_line_reported(tmp_path):
+    """Metrics and checkpoints are written off the critical path, but a round's line is printed only
+    once both are: killed at once after it, the round is in MLflow and in the checkpoint."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "run", str(ROOT / "pipelines/quickstart.yaml"),
+                             "--set", "rounds=8"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=dict(os.environ, FEDPLATFORM_OFFLINE="1"))
+    try:
+        for line in proc.stderr:
+            if line.startswith("round 3/8"):
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and its actors, at once
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    [run_dir] = (tmp_path / "fedplatform_runs").iterdir()
+    ckpt = json.loads((run_dir / "checkpoint.json").read_text())
+    assert ckpt["round"] >= 3 and (run_dir / ckpt["state_file"]).exists()
+    steps = [m.step for m in MlflowClient("sqlite:///" + str(tmp_path / "mlflow.db"))
+             .get_metric_history(run_dir.name, "accuracy")]
+    assert steps[:3] == [1, 2, 3]
+
+
 def test_resume_of_unknown_run_is_one_line_exit_2(tmp_path):
     proc = fedplatform("run", str(ROOT / "pipelines/quickstart.yaml"), "--resume", "missing-run", cwd=tmp_path)
     assert proc.returncode == 2

@@ -314,7 +314,11 @@ class Engine:
                                 "checkpoint. Lower the learning rate, or set runtime.allow_nonfinite=true to train on")
 
     def state(self) -> dict:
-        return ray.get(self.server.get_state.remote())
+        return ray.get(self.state_ref())
+
+    def state_ref(self) -> ray.ObjectRef:
+        """The server's state as it is now: the server runs its calls in order, so later rounds do not change it."""
+        return self.server.get_state.remote()
 
     def shutdown(self) -> None:
         self.pool.shutdown()
