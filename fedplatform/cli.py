@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import traceback
 
 from fedplatform import __version__
@@ -203,9 +204,24 @@ def add_run(sub) -> None:
     p.set_defaults(handler=cmd_run)
 
 
+def process_start() -> float:
+    """This process's start on the `time.perf_counter()` clock: on Linux from its start time in
+    /proc (clock ticks since boot, 10 ms), elsewhere now."""
+    now = time.perf_counter()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - max(0.0, age)
+
+
 def cmd_run(args) -> int:
     import fedplatform
+    from fedplatform import experiment
 
+    experiment.COMMAND_STARTED = process_start()  # start-up metrics count from the process start
     cfg = fedplatform.load_config(args.pipeline, _overrides(args))
     try:
         result = fedplatform.run(cfg, tracking_uri=args.tracking_uri, resume=args.resume,

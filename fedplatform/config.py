@@ -85,7 +85,7 @@ class ModelConfig(Section):
     name: str = "small_cnn"
     """Registered backbone: small_cnn (8x8 digits), small_cnn_512, resnet8 (CLIP2FL reference
     student), resnet8_creff (original CReFF student: no add_mlp, 256-d features), resnet50
-    (ImageNet-LT student, 2048 -> 512 projection)."""
+    (ImageNet-LT student, 2048 -> 512 projection), mlp (flattened pixels -> 64 -> classes, ReLU)."""
     input_size: int = Field(224, ge=8)
     """Student input size S for datasets kept as encoded images of varying size (ImageNet-LT,
     PACS): train RandomResizedCrop(S), test Resize(S·256/224) + CenterCrop(S). Fixed-size datasets

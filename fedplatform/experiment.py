@@ -41,6 +41,25 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
+COMMAND_STARTED: float | None = None
+"""`time.perf_counter()` at the start of the `fedplatform` process, set by the CLI: the start-up
+metrics then count from the process start; otherwise (Python API, sweep trials) from the call."""
+
+
+class _StartupClock:
+    """Start-up phases on the perf_counter clock: each `mark(phase)` ends one, starting where the
+    previous ended (the first at `origin`). Logged as `time/startup/<phase>_s` when the run ends."""
+
+    def __init__(self, origin: float):
+        self.origin = self.last = origin
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.phases[phase], self.last = now - self.last, now
+        return now
+
+
 RAY_CONNECT_TIMEOUT_S = 5.0
 """How long `--ray-address host:port` may take to accept a TCP connection (Ray itself retries for minutes)."""
 
@@ -108,6 +127,7 @@ def run_experiment(
     """Train `cfg` on the connected Ray cluster; returns the per-round history and the summary.
     The run directory is `<runs_under>/<MLflow run id>`, by default under runtime.storage (a sweep
     trial passes its own folder there); `tags` go on a new MLflow run (a trial's configuration)."""
+    clock = _StartupClock(COMMAND_STARTED if COMMAND_STARTED is not None else time.perf_counter())
     from fedplatform.data import prepare
 
     from fedplatform.algorithms import get_algorithm
@@ -122,13 +142,16 @@ def run_experiment(
     check_tracking_uri(uri)  # creates nothing, unlike the Tracker (an SQLite file)
     algorithm = get_algorithm(cfg.algorithm.name)
     algorithm.check(cfg)
+    clock.mark("imports")  # the CLI: interpreter, config, Ray, torch and the algorithm's modules
     ds = prepare(cfg)
+    clock.mark("data")
     with ThreadPoolExecutor(1) as background, tempfile.TemporaryDirectory() as tmp:
         # MLflow's import and store set-up, and the partition plot, overlap Ray's and the actors' start-up.
         tracker_ready = background.submit(Tracker, uri, storage=cfg.runtime.storage)
         plot = background.submit(_plot_partition, ds, Path(tmp)) if resumed is None else None
         try:
             ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
+            clock.mark("ray_init")
             prepared = algorithm.prepare(cfg, ds)
             engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)),
                             cfg.runtime.num_client_actors, server_state=resumed[2] if resumed else None, wait=False)
@@ -138,8 +161,10 @@ def run_experiment(
         try:
             tracker = tracker_ready.result()
             engine.wait_ready()
+            clock.mark("actors")
             run_dir, start_round, history, sampler = _start_tracking(cfg, ds, tracker, resumed, runs, parent_run_id,
                                                                       tags, plot.result() if plot else None)
+            clock.mark("mlflow")
         except BaseException:
             engine.shutdown()
             raise
@@ -148,6 +173,7 @@ def run_experiment(
     recorder = _Recorder(background=on_round is None)
     try:
         with _Progress(cfg.rounds, start_round - 1, enabled=progress) as bar:
+            rounds_start = time.perf_counter()
             for r in range(start_round, cfg.rounds + 1):
                 evaluate = r % cfg.runtime.eval_every == 0 or r == cfg.rounds
                 row = engine.run_round(r, sampler.sample(), evaluate)
@@ -161,7 +187,11 @@ def run_experiment(
                 if on_round is not None:
                     on_round(row, run_dir)
             recorder.flush()
+        # start-up: to the first round's start; rounds: to the last round's metrics and checkpoint written
+        timing = {"time/startup_s": rounds_start - clock.origin, **{f"time/startup/{phase}_s": s for phase, s in
+                  clock.phases.items()}, "time/rounds_total_s": time.perf_counter() - rounds_start}
         summary = summarize(history)
+        tracker.log_metrics(history[-1]["round"], timing)
         _log_final(tracker, cfg, ds, history, summary, engine.state())
     except BaseException as exc:
         recorder.close()  # the rounds that ran are recorded before the run is marked failed or killed

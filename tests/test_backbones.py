@@ -16,7 +16,7 @@ def test_resnet8_parameter_count_matches_reference(num_classes, expected):
 
 @pytest.mark.parametrize(
     "name, in_channels, size", [("resnet8", 3, 32), ("resnet8", 3, 64), ("resnet8_creff", 3, 32), ("small_cnn", 1, 8),
-                                ("small_cnn", 3, 32)]
+                                ("small_cnn", 3, 32), ("mlp", 1, 8), ("mlp", 3, 32)]
 )
 def test_every_model_gives_logits_features_and_a_linear_head(name, in_channels, size):
     model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size).eval()
@@ -88,3 +88,17 @@ def test_unknown_model_name_is_a_user_error_listing_registered_models():
     for name in MODELS:
         assert name in str(err.value)
     assert {"resnet8", "small_cnn"} <= set(MODELS)
+
+
+def test_mlp_is_64_64_10_with_relu_and_the_torch_init_of_the_same_layers_for_the_same_seed():
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, in_channels=1, image_size=8)
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))  # the Flower digits benchmark's MLP
+    assert model.feature_dim == 64 and sum(p.numel() for p in model.parameters()) == 64 * 64 + 64 + 64 * 10 + 10
+    assert [p.shape for p in model.parameters()] == [p.shape for p in reference.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    x = torch.randn(5, 1, 8, 8)
+    assert model(x).shape == (5, 10)
+    assert torch.equal(model(x), reference(x.flatten(1)))
+    assert (model.features(x) >= 0).all()  # the feature is the ReLU output

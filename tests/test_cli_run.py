@@ -27,6 +27,15 @@ def test_run_quickstart_finishes_offline_and_prints_its_summary(tmp_path):
     assert len(list((tmp_path / "fedplatform_runs").iterdir())) == 1
 
 
+def test_process_start_is_when_the_process_began_not_when_it_is_asked():
+    """The command's start-up metrics count from here (the interpreter's own start included)."""
+    code = ("import time; t = time.perf_counter(); time.sleep(0.5); from fedplatform.cli import process_start; "
+            "print(t - process_start())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) >= 0  # the process began before its first statement ran, not after the sleep
+
+
 @pytest.mark.parametrize("pipeline, overrides, message", [
     ("quickstart", ["algorithm.name=nope"], "algorithm.name='nope' is not a known algorithm"),
     ("quickstart", ["clients_per_round=50"], "clients_per_round=50 exceeds partition.num_clients=10"),

@@ -6,6 +6,7 @@ from fedplatform.config import ConfigError, load_config, parse_value
 from fedplatform.errors import UserError
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+BENCHMARK_PIPELINES = Path(__file__).resolve().parents[1] / "benchmarks" / "pipelines"
 
 
 def error_of(tmp_path, text="name: test\n", overrides=()):
@@ -74,10 +75,28 @@ def test_a_wrongly_typed_value_is_one_line(tmp_path):
     assert msg.startswith("partition.num_clients='many' is invalid")
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in PIPELINES.glob("*.yaml")))
-def test_shipped_pipelines_are_valid(name):
-    cfg = load_config(PIPELINES / f"{name}.yaml")
-    assert cfg.name == name
+@pytest.mark.parametrize("path", sorted([*PIPELINES.glob("*.yaml"), *BENCHMARK_PIPELINES.glob("*.yaml")]),
+                         ids=lambda p: p.name)
+def test_shipped_pipelines_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_flower_twins_carry_the_flower_anchor_workloads():
+    """../shared/bench/flower: digits FedAvg and the engine-overhead run (benchmarks/flower_twins.py)."""
+    d = load_config(BENCHMARK_PIPELINES / "flower_twin_digits.yaml")
+    assert (d.seed, d.data.dataset, d.data.imbalance_factor, d.data.test_fraction, d.partition.scheme,
+            d.partition.num_clients, d.clients_per_round, d.rounds, d.model.name) == \
+        (0, "digits", 1, 0.2, "iid", 100, 10, 50, "mlp")
+    a = d.algorithm
+    assert (a.name, a.local_epochs, a.lr, a.batch_size, a.augmentation, a.server_optimizer) == \
+        ("fedavg", 1, 0.05, 10, "none", None)
+    o = load_config(BENCHMARK_PIPELINES / "flower_twin_overhead.yaml")
+    assert (o.partition.num_clients, o.clients_per_round, o.rounds, o.algorithm.name, o.algorithm.work_s) == \
+        (20, 8, 10, "synthetic", 0.05)
+    for cfg in (d, o):
+        rt = cfg.runtime
+        assert (rt.num_client_actors, rt.client_resources.num_cpus, rt.client_resources.num_gpus) == (2, 1, 0)
 
 
 def test_pipelines_carry_the_reference_settings():

@@ -164,6 +164,12 @@ def test_mlflow_holds_params_tags_per_round_metrics_and_artifacts(work, baseline
     summary = json.loads(open(client.download_artifacts(baseline.run_id, "summary.json", str(tmp))).read())
     assert summary["final_accuracy"] == baseline.history[-1]["accuracy"]
     assert run.data.metrics["summary/best_accuracy"] == summary["best_accuracy"]
+    # start-up, split into its phases (from the call here: no process start through the API), and the rounds' wall
+    metrics = run.data.metrics
+    phases = [metrics[f"time/startup/{phase}_s"] for phase in ("imports", "data", "ray_init", "actors", "mlflow")]
+    assert min(phases) >= 0 and sum(phases) <= metrics["time/startup_s"]
+    assert metrics["time/rounds_total_s"] >= sum(h["time/round_s"] for h in baseline.history)
+    assert [m.step for m in client.get_metric_history(baseline.run_id, "time/startup_s")] == [3]
 
 
 def test_round_exceeding_its_timeout_fails_naming_the_clients_still_running(work, baseline, fault):

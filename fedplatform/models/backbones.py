@@ -214,3 +214,26 @@ def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 8) -> nn
 @register_model("small_cnn_512")
 def small_cnn_512(num_classes: int, in_channels: int = 1, image_size: int = 8) -> nn.Module:
     return SmallCNN(num_classes, in_channels, image_size, feature_dim=512)
+
+
+# ---------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """Flattened pixels -> Linear(in, hidden) -> ReLU (the feature z) -> classifier Linear(hidden, C).
+    On 8x8 digits: 64 -> 64 -> 10, the MLP of the Flower digits benchmark (torch default init; built
+    in the same order, so the same seed gives the same initial weights)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 8, hidden: int = 64):
+        super().__init__()
+        self.feature_dim = hidden
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("mlp")
+def mlp(num_classes: int, in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    return MLP(num_classes, in_channels, image_size)
