@@ -75,7 +75,8 @@ def describe(config: str | Path | dict | ExperimentConfig, *, rebuild: bool = Fa
 
 def load_model(run: str | Path, tracking_uri: str | None = None) -> Predictor:
     """The trained model of a finished run as a torch module in eval mode: uint8 images [N, H, W, C]
-    -> logits [N, C] (normalisation, the student, the head the run's accuracy was measured with);
+    -> logits [N, C] (normalisation, the student, the head the run's accuracy was measured with; FedCLIP:
+    its frozen CLIP loaded again from the hub tag, checkpoint or seed the run used, and the adapter);
     `.spec` holds class names and input shape, `.probabilities(images)` the softmax. `run`: an MLflow
     run id, a `runs:/` or `models:/` URI, or a local copy of the logged model's directory."""
     from fedplatform.tracking.mlflow_model import load_predictor

@@ -1,15 +1,21 @@
 """The trained model as an MLflow model: pyfunc from code, registry, dataset lineage, run names."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from fedplatform.config import load_config
 from fedplatform.data import prepare
 from fedplatform.experiment import run_experiment
+from fedplatform.models.adapters import AttentionAdapter
+from fedplatform.models.clip import create_clip
 from fedplatform.tracking.mlflow_run import Tracker
 from quickstart_helpers import QUICKSTART
 
@@ -112,4 +118,65 @@ def test_exported_state_drops_server_optimizer_moments():
 
     state = {"w": torch.ones(2), "server_optimizer.m.w": torch.zeros(2)}
     assert set(get_algorithm("fedavg").inference_state(state)) == {"w"}
-    assert get_algorithm("fedclip").predict_head is None  # no model is logged for FedCLIP
+
+
+@pytest.fixture(scope="module")
+def fedclip_run(store, ray_session):
+    """A finished FedCLIP quickstart run (tiny untrained CLIP, 1 round) and its logged model's folder."""
+    tmp, uri = store
+    cfg = quickstart(tmp, QUICKSTART.with_name("quickstart_fedclip.yaml"), "rounds=1")
+    result = run_experiment(cfg, tracking_uri=uri, progress=False)
+    with _use_tracking_uri(uri):
+        return cfg, result, Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model"))
+
+
+def test_fedclip_model_is_the_adapter_and_predicts_with_the_accuracy_the_run_reported(store, tracking, fedclip_run):
+    """The frozen CLIP is not copied into the run: it is rebuilt (here: untrained, seed 0) at load."""
+    from safetensors.torch import load_file
+
+    import fedplatform
+
+    cfg, result, folder = fedclip_run
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    acc, probs = accuracy(model, cfg)
+    assert acc == result.summary["final_accuracy"]
+    assert probs.dtype == np.float32 and probs.shape[1] == 10
+    assert set(load_file(next(folder.rglob("model.safetensors")))) == set(AttentionAdapter(512).state_dict())
+    predictor = fedplatform.load_model(folder)
+    clip = predictor.spec["clip"]
+    assert (clip["model"], clip["pretrained"], clip["weights"], clip["untrained_seed"]) == \
+        ("fedplatform-tiny", None, "untrained:seed0", 0)
+    used = predictor.clip.visual.preprocess_cfg  # what the run's CLIP preprocessing was
+    assert (tuple(clip["preprocess"]["size"]), predictor.spec["norm_mean"], predictor.spec["norm_std"]) == \
+        (tuple(used["size"]), list(used["mean"]), list(used["std"]))
+    ds = prepare(cfg)
+    with torch.no_grad():
+        logits = predictor(torch.from_numpy(ds.pixels(ds.test_ids)))
+    np.testing.assert_array_equal(logits.argmax(1).numpy(), probs.argmax(1))
+
+
+def test_fedclip_model_needs_the_runs_clip_weights_and_says_so_in_one_line(store, fedclip_run, monkeypatch,
+                                                                           tmp_path):
+    """Loaded by run id from a store that is not the active one; a hub tag this machine cannot get
+    fails fast (never untrained weights instead); a checkpoint that is not the run's is refused."""
+    from huggingface_hub import constants
+
+    import fedplatform
+    from fedplatform.errors import UserError
+    from fedplatform.models import clip as clipmod
+    from fedplatform.tracking.mlflow_model import Predictor
+
+    _, result, folder = fedclip_run
+    spec = json.loads(next(folder.rglob("fedplatform_model.json")).read_text())
+    assert fedplatform.load_model(result.run_id, tracking_uri=store[1]).spec == spec
+    adapter = {k: torch.zeros_like(v) for k, v in AttentionAdapter(512).state_dict().items()}
+    monkeypatch.setattr(clipmod, "_reachable", lambda host, timeout=0: False)  # no network
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # and nothing cached
+    tag = spec | {"clip": spec["clip"] | {"model": "ViT-B-32", "pretrained": "openai", "weights": "tag:openai"}}
+    with pytest.raises(UserError, match=r"needs the run's frozen CLIP ViT-B-32 \(tag:openai\): .*cannot be reached"):
+        Predictor(tag, adapter)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(create_clip("fedplatform-tiny", None)[0].state_dict(), checkpoint)
+    other = spec | {"clip": spec["clip"] | {"pretrained": str(checkpoint), "weights": "sha256:" + "0" * 64}}
+    with pytest.raises(UserError, match=r"tiny.pt holds sha256:[0-9a-f]{64}; give it the run's weights"):
+        Predictor(other, adapter)

@@ -88,7 +88,9 @@ class Algorithm(abc.ABC):
     predict_head: ClassVar[str | None] = None
     """How a final state predicts outside the platform (`tracking.mlflow_model`): "classifier" (the
     student network's own head), "retrained_classifier" (student features through the state's
-    `retrained_classifier.{weight,bias}`), or None: no exportable model, none is logged."""
+    `retrained_classifier.{weight,bias}`), "clip_adapter" (FedCLIP: a frozen CLIP, named by the
+    model spec, and the state's adapter against the class prompts), or None: no exportable model,
+    none is logged."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -110,6 +112,12 @@ class Algorithm(abc.ABC):
     def inference_state(cls, state: State) -> State:
         """The entries of a final state that `predict_head` needs (what the logged model keeps)."""
         return state
+
+    @classmethod
+    def predict_spec(cls, cfg: ExperimentConfig, dataset: Any) -> dict:
+        """Entries of the logged model's `fedplatform_model.json` that this algorithm sets or adds
+        (e.g. a frozen network to load again, its input view). Default: none."""
+        return {}
 
     @abc.abstractmethod
     def init_server_state(self, seed: int) -> State:

@@ -16,6 +16,7 @@ equals re-running the encoder each step as the reference does (`use_feature_cach
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ from fedplatform.models.adapters import AttentionAdapter, gate_entropy
 MAX_LOGIT_SCALE = 100.0
 """CLIP clamps exp(logit_scale) at 100; OpenAI's ViT-B/32 sits exactly there."""
 EVAL_BATCH = 4096
+
+
+def logit_scale(clip) -> float:
+    """CLIP's own logit scale exp(t), capped at 100 (untrained CLIPs sit at 1/0.07)."""
+    return min(float(clip.logit_scale.exp()), MAX_LOGIT_SCALE)
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,6 +72,7 @@ class FedCLIP(FrozenCLIP, Algorithm):
     = W2, b2). One frozen CLIP per actor (never per client), loaded on first use."""
 
     client_eval_splits = ("train", "val", "test")
+    predict_head = "clip_adapter"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -80,10 +87,36 @@ class FedCLIP(FrozenCLIP, Algorithm):
         _check_clip(cfg)
         return cls.build_cache(cfg, dataset)
 
+    @classmethod
+    def predict_spec(cls, cfg, dataset) -> dict:
+        """The logged model is the adapter alone; it names the frozen CLIP, loaded again through
+        `models.clip.create_clip` (its weights are not copied into the run), and the CLIP's eval
+        preprocessing: input = the store's pixels, or for encoded stores the CLIP's own view."""
+        from fedplatform.models.clip import UNTRAINED_SEED, is_checkpoint_path, preprocess_config, weights_identity
+
+        clip = cfg.clip
+        pre = preprocess_config(clip.model, clip.pretrained)
+        pretrained = clip.pretrained
+        if pretrained is not None and is_checkpoint_path(pretrained):
+            pretrained = os.path.abspath(pretrained)  # loadable from any working directory
+        spec = {
+            "model": clip.model,
+            "norm_mean": list(pre["mean"]),
+            "norm_std": list(pre["std"]),
+            "clip": {"model": clip.model, "pretrained": pretrained, "weights": weights_identity(clip.model, pretrained),
+                     "untrained_seed": UNTRAINED_SEED if pretrained is None else None,
+                     "prompt_template": cfg.algorithm.prompt_template,
+                     "clean_class_names": cfg.algorithm.clean_class_names, "preprocess": pre},
+        }
+        if dataset.image_shape is None:
+            spec["input_shape"] = [*pre["size"], 3]
+            spec["input_view"] = (f"RGB, {pre['size'][0]}x{pre['size'][1]} as the CLIP's eval preprocessing sizes it "
+                                  f"({pre['interpolation']} resize, open_clip resize_mode {pre['resize_mode']})")
+        return spec
+
     @property
     def scale(self) -> float:
-        """CLIP's own logit scale exp(t), capped at 100 (untrained CLIPs sit at 1/0.07)."""
-        return min(float(self.load_clip().logit_scale.exp()), MAX_LOGIT_SCALE)
+        return logit_scale(self.load_clip())
 
     def working_adapter(self, state: State) -> AttentionAdapter:
         if self._adapter is None:

@@ -72,6 +72,20 @@ def embed_dim(model: str) -> int:
     return int(cfg["embed_dim"])
 
 
+def preprocess_config(model: str, pretrained: str | None) -> dict[str, Any]:
+    """The eval preprocessing `create_clip` will use (size (H, W), mean, std, interpolation,
+    resize_mode, ...), without building the model: open_clip's defaults, updated by a hub tag's own
+    config, at the vision tower's image size - as `open_clip.create_model` derives it."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = asdict(PreprocessCfg())
+    if pretrained is not None and not is_checkpoint_path(pretrained):
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model, pretrained) or {})
+    size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    cfg["size"] = (size, size) if isinstance(size, int) else tuple(size)
+    return cfg
+
+
 def is_checkpoint_path(pretrained: str) -> bool:
     """A `pretrained` value is a path when it names an existing file or looks like one."""
     return os.path.exists(pretrained) or os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))

@@ -57,15 +57,19 @@ class FeatureCacheError(UserError):
 # ---------------------------------------------------------------------------- images
 
 
+def pixel_images(pixels: np.ndarray) -> list[Image.Image]:
+    """RGB PIL images of uint8 pixels [n, H, W, 1 or 3] (gray -> RGB)."""
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p[..., 0], "L").convert("RGB") for p in pixels]
+    return [Image.fromarray(p).convert("RGB") for p in pixels]
+
+
 def pil_images(dataset, ids: np.ndarray) -> list[Image.Image]:
     """RGB PIL images of the given samples: fixed-size stores from pixels (gray -> RGB), encoded
     stores by decoding the file bytes (truncated files tolerated)."""
     ids = np.asarray(ids, dtype=np.int64)
     if dataset.image_shape is not None:
-        pixels = dataset.pixels(ids)
-        if pixels.shape[-1] == 1:
-            return [Image.fromarray(p[..., 0], "L").convert("RGB") for p in pixels]
-        return [Image.fromarray(p).convert("RGB") for p in pixels]
+        return pixel_images(dataset.pixels(ids))
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in dataset.encoded(ids)]
 
 
