@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model,
-                      field_validator, model_validator)
+                      model_validator)
 
 from fedplatform.errors import UserError
 
@@ -111,177 +111,11 @@ PromptTemplate = Annotated[str, AfterValidator(_check_template)]
 """A CLIP prompt with one '{}' for the class name."""
 
 
-class LocalTraining(Section):
-    """Reference local SGD: lr 0.1, batch 32, no momentum or weight decay."""
-
-    local_epochs: int = Field(10, ge=1)
-    lr: float = Field(0.1, gt=0.0)
-    batch_size: int = Field(32, ge=1)
-    augmentation: Literal["reference", "per_sample", "imagenet", "none"] = "reference"
-    """Fixed-size images: reference (one random crop, pad 4, and flip per batch, as the CLIP2FL
-    code), per_sample (an independent draw per image) or none. Encoded images (ImageNet-LT, PACS):
-    imagenet (RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4, 0)) or none."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Local training arithmetic: fp32 (reference) or bf16 autocast of the forward pass (weights,
-    gradients, optimizer and the loss stay fp32; no loss scaling needed). bf16 changes the numbers
-    slightly; it is fast on GPUs and on CPUs with AMX/AVX512-BF16."""
-
-
-class FedAvgMConfig(Section):
-    """FedAvgM (Hsu et al. 2019) as in Reddi et al. 2021: v_t = momentum * v_{t-1} + delta_t,
-    x_{t+1} = x_t + lr * v_t (delta_t = client average - x_t)."""
-
-    name: Literal["fedavgm"] = "fedavgm"
-    lr: float = Field(1.0, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-
-
-class FedAdamConfig(Section):
-    """FedAdam (Reddi et al. 2021, Algorithm 2; no bias correction): m_t = beta1 * m + (1 - beta1) * delta_t,
-    v_t = beta2 * v + (1 - beta2) * delta_t^2, x_{t+1} = x_t + lr * m_t / (sqrt(v_t) + tau)."""
-
-    name: Literal["fedadam"] = "fedadam"
-    lr: float = Field(0.1, gt=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.99, ge=0.0, lt=1.0)
-    tau: float = Field(1e-3, gt=0.0)
-    """Adaptivity: the larger, the closer to server SGD with momentum."""
-
-
-class FedYogiConfig(FedAdamConfig):
-    """FedYogi (Reddi et al. 2021): FedAdam with v_t = v - (1 - beta2) * delta_t^2 * sign(v - delta_t^2)."""
-
-    name: Literal["fedyogi"] = "fedyogi"
-    lr: float = Field(0.01, gt=0.0)
-
-
-SERVER_OPTIMIZER_CONFIGS: dict[str, type[Section]] = {
-    "fedavgm": FedAvgMConfig,
-    "fedadam": FedAdamConfig,
-    "fedyogi": FedYogiConfig,
-}
-ServerOptimizerConfig = Annotated[Union[tuple(SERVER_OPTIMIZER_CONFIGS.values())], Field(discriminator="name")]
-
-
-class FedAvgConfig(LocalTraining):
-    """FedAvg (McMahan et al. 2017): sample-weighted mean of every state entry."""
-
-    name: Literal["fedavg"] = "fedavg"
-    server_optimizer: ServerOptimizerConfig | None = None
-    """null: the plain average becomes the new global model (McMahan et al.); fedavgm, fedadam or
-    fedyogi: the server steps on the pseudo-gradient (average - global) instead (Reddi et al. 2021)."""
-
-    @field_validator("server_optimizer", mode="before")
-    @classmethod
-    def _name_alone(cls, value):
-        """`server_optimizer: fedadam` is short for `server_optimizer: {name: fedadam}`."""
-        return {"name": value} if isinstance(value, str) else value
-
-
-class FedProxConfig(FedAvgConfig):
-    """FedProx (Li et al. 2020): local loss + mu/2 * ||w - w_global||^2."""
-
-    name: Literal["fedprox"] = "fedprox"
-    mu: float = Field(0.01, ge=0.0)
-
-
-class SyntheticConfig(Section):
-    """Synthetic load for measuring the platform: each client busy-waits `work_s` seconds and
-    returns the global weights of `model.name` unchanged."""
-
-    name: Literal["synthetic"] = "synthetic"
-    work_s: float = Field(0.5, ge=0.0)
-    update_mb: float = Field(0.0, ge=0.0)
-    """Extra float32 entry of this many MB in the state; each client fills it from its generator,
-    so updates differ (for measuring aggregation at a chosen update size)."""
-
-
-class FedCLIPConfig(Section):
-    """FedCLIP (Lu et al. 2023; spec fedclip): frozen CLIP, an image-side attention adapter trained
-    with the symmetric in-batch contrastive loss and averaged by the server. Defaults = reference."""
-
-    name: Literal["fedclip"] = "fedclip"
-    lr: float = Field(5e-5, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(1e-6, gt=0.0)
-    weight_decay: float = Field(0.2, ge=0.0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    """adam: coupled L2 decay as the reference (gradient += wd * w); adamw: decoupled (spec §8.4 option)."""
-    local_epochs: int = Field(1, ge=1)
-    """wk_iters: passes over the local train split per round, one optimizer for all of them."""
-    batch_size: int = Field(32, ge=2)
-    aggregation: Literal["uniform", "sample_weighted"] = "uniform"
-    """uniform: mean over participating clients (reference); sample_weighted: FedAvg weights (§8.2 option)."""
-    loss: Literal["in_batch", "all_classes"] = "in_batch"
-    """in_batch: symmetric image-text CE over the batch (reference); all_classes: K-way CE against
-    every class prompt (§8.11 option, documented deviation)."""
-    use_feature_cache: bool = True
-    """Train on cached frozen-CLIP image embeddings; false runs the image encoder every step (reference)."""
-    prompt_template: PromptTemplate = "a picture of a {}"
-    clean_class_names: bool = False
-    """Underscores in class folder names to spaces (the reference keeps them)."""
-
-
-class CReFFConfig(LocalTraining):
-    """CReFF (Shang et al., IJCAI 2022) as run inside the CLIP2FL reference (spec clip2fl §4, §6):
-    FedAvg local training; per-class classifier gradients uploaded; the server learns federated
-    features by gradient matching and re-trains a classifier on them. Defaults = reference."""
-
-    name: Literal["creff"] = "creff"
-    num_features_per_class: int = Field(100, ge=1)
-    """m: federated features per class (`num_of_feature`; the reference only runs with 100)."""
-    match_epoch: int = Field(100, ge=0)
-    """Full-batch SGD steps on the federated features per round."""
-    lr_feature: float = Field(0.1, gt=0.0)
-    crt_epoch: int = Field(300, ge=0)
-    """Epochs of classifier re-training on the features per round (batch `batch_size`)."""
-    lr_net: float = Field(0.01, gt=0.0)
-    batch_real: int = Field(32, ge=1)
-    """Real images per class per gradient draw (10 draws, one DSA augmentation each)."""
-    dis_metric: Literal["ours", "mse", "cos"] = "ours"
-    """Gradient-matching distance: ours (per-row cosine + bias row), mse, cos (spec §5.2)."""
-    gml_form: Literal["reference", "paper"] = "reference"
-    """reference: sum over the C weight rows + the bias row; paper: mean over weight rows only (§8)."""
-    real_gradient: Literal["reference", "paper"] = "reference"
-    """reference: mean of 10 DSA mini-batches of <= batch_real; paper: mean over all local class samples (§8)."""
-    gradient_weighting: Literal["unweighted", "by_count"] = "unweighted"
-    """Server mean of the clients' class gradients: unweighted (reference) or weighted by n_c^k (§9.7)."""
-
-    @model_validator(mode="after")
-    def _gml(self):
-        if self.gml_form == "paper" and self.dis_metric != "ours":
-            raise ValueError(f"algorithm.gml_form=paper is the paper's per-row cosine; it needs dis_metric=ours, "
-                             f"got {self.dis_metric!r}")
-        return self
-
-
-class CLIP2FLConfig(CReFFConfig):
-    """CLIP2FL (Shi et al., AAAI 2024; spec clip2fl): CReFF plus client KD from a frozen CLIP teacher
-    (CE + kd_weight * T^2 * KL(teacher || student)) and the prototype contrastive loss on the
-    federated features. Defaults = reference commit 565e858."""
-
-    name: Literal["clip2fl"] = "clip2fl"
-    kd_weight: float = Field(1.0, ge=0.0)
-    """alpha (the paper's beta); 2 before 2024-05-02."""
-    kd_temperature: float = Field(3.0, gt=0.0)
-    contrast_weight: float = Field(0.001, ge=0.0)
-    """eta (`contrast_alpha`); 0.5 before 2024-04-26."""
-    ins_temp: float = Field(0.1, gt=0.0)
-    """tau of the prototype contrastive loss."""
-    pcl_form: Literal["reference", "paper"] = "reference"
-    """reference: contrast against the repeated text prototypes (closed form, N x C); paper: against
-    the other federated features (N x N, unconfirmed transcription, spec §8)."""
-    use_feature_cache: bool = True
-    """Teacher image embeddings from the feature cache; false runs CLIP every step (reference)."""
-    prompt_template: PromptTemplate = "a photo of a {}"
-    clean_class_names: bool = False
-    """Underscores in class names to spaces (the reference keeps them)."""
-
-
 ALGORITHM_CONFIGS: dict[str, type[BaseModel]] = {}
-"""Registered algorithm config models by algorithm name (the built-in ones below; plug-ins add theirs
-with `register_algorithm(name, config=...)`). The `algorithm` section is validated against the one
-its `name` picks."""
+"""Registered algorithm config models by algorithm name: a built-in one's the first time its name is
+asked for (`fedplatform.algorithms.BUILTIN_ALGORITHMS`), a plug-in's when it registers with
+`register_algorithm(name, config=...)`. The `algorithm` section is validated against the one its
+`name` picks."""
 
 
 def register_algorithm_config(name: str, config: type[BaseModel]) -> type[BaseModel]:
@@ -293,29 +127,38 @@ def register_algorithm_config(name: str, config: type[BaseModel]) -> type[BaseMo
     if field is None or field.default != name:
         config = create_model(config.__name__, __base__=config, __module__=config.__module__,
                               name=(Literal[name], name))
+    _load_builtin(name)  # a built-in name is taken even before its config was first asked for
     known = ALGORITHM_CONFIGS.setdefault(name, config)
     if (known.__module__, known.__qualname__) != (config.__module__, config.__qualname__):
         raise ValueError(f"algorithm '{name}' already has a config ({known.__module__}.{known.__qualname__})")
     return known
 
 
-for _name, _config in {"fedavg": FedAvgConfig, "fedprox": FedProxConfig, "synthetic": SyntheticConfig,
-                       "fedclip": FedCLIPConfig, "creff": CReFFConfig, "clip2fl": CLIP2FLConfig}.items():
-    register_algorithm_config(_name, _config)
+def _load_builtin(name: Any) -> None:
+    """Register built-in algorithm `name`'s config, imported from its light module (no torch)."""
+    from importlib.metadata import EntryPoint
+
+    from fedplatform.algorithms import BUILTIN_ALGORITHMS
+    from fedplatform.plugins import ALGORITHM_GROUP
+
+    if isinstance(name, str) and name in BUILTIN_ALGORITHMS and name not in ALGORITHM_CONFIGS:
+        ALGORITHM_CONFIGS[name] = EntryPoint(name, BUILTIN_ALGORITHMS[name], ALGORITHM_GROUP).load()
 
 
 def algorithm_config(name: Any) -> type[BaseModel]:
-    """The config model of algorithm `name`: registered, else from the installed entry point of that
-    name (`fedplatform.plugins`); ValueError listing the known ones."""
+    """The config model of algorithm `name`: registered, else the built-in one of that name, else from
+    the installed entry point of that name (`fedplatform.plugins`); ValueError listing the known ones."""
+    from fedplatform.algorithms import BUILTIN_ALGORITHMS
     from fedplatform.plugins import ALGORITHM_GROUP, entry_point_names, load_entry_point
 
+    _load_builtin(name)
     if isinstance(name, str) and name not in ALGORITHM_CONFIGS:
         load_entry_point(ALGORITHM_GROUP, name)
         if name in entry_point_names(ALGORITHM_GROUP) and name not in ALGORITHM_CONFIGS:
             raise ValueError(f"algorithm.name={name!r}: its entry point loaded but registered no algorithm of that "
                              f"name; decorate its class with @register_algorithm({name!r}, config=...)")
     if name not in ALGORITHM_CONFIGS:
-        known = list(ALGORITHM_CONFIGS) + [n for n in entry_point_names(ALGORITHM_GROUP) if n not in ALGORITHM_CONFIGS]
+        known = list(dict.fromkeys([*BUILTIN_ALGORITHMS, *ALGORITHM_CONFIGS, *entry_point_names(ALGORITHM_GROUP)]))
         bad = f"algorithm.name={name!r} is not a known algorithm" if name is not None else "algorithm needs a name"
         raise ValueError(f"{bad}; choose one of {', '.join(known)} (or list the module that registers it "
                          "under plugins:)")
@@ -402,7 +245,7 @@ class ExperimentConfig(Section):
     plugins: list[str] = []
     """Modules the driver and every actor import before the algorithm section is validated: they
     register plug-in algorithms and models (`fedplatform.plugins`); installed entry points need no entry."""
-    algorithm: SerializeAsAny[BaseModel] = FedAvgConfig()
+    algorithm: SerializeAsAny[BaseModel] = Field(default_factory=lambda: algorithm_config("fedavg")())
     """Validated against the config model registered for its `name` (ALGORITHM_CONFIGS)."""
     rounds: int = Field(200, ge=1)
     clients_per_round: int = Field(8, ge=1)
@@ -487,22 +330,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-_TAGGED_SECTIONS: dict[str, tuple[dict[str, type[Section]], str]] = {
-    "algorithm.server_optimizer": (SERVER_OPTIMIZER_CONFIGS, "server optimizer"),
-}
-"""Sections chosen by their `name` (discriminated unions): their configs and what they are called."""
-
-
 def _error_line(err: dict, model: type[BaseModel] | None = None, loc: str = "", chosen: str = "") -> str:
     """One readable line for pydantic error `err` of `model` (ExperimentConfig) whose location
     starts under `loc`; `chosen` names how that section was picked (algorithm.name=fedavg)."""
     model = model or ExperimentConfig
     parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    tagged: dict[str, type[BaseModel]] = {}
     for i, part in enumerate(parts):
-        # discriminated unions insert the tag into the location: x.server_optimizer.fedadam.lr -> x.server_optimizer.lr
-        if loc in _TAGGED_SECTIONS and part in _TAGGED_SECTIONS[loc][0]:
-            model, chosen = _TAGGED_SECTIONS[loc][0][part], f"{loc}.name={part}"
+        # a section chosen by its name puts the name into the location: x.server_optimizer.fedadam.lr -> x.server_optimizer.lr
+        if part in tagged:
+            model, chosen, tagged = tagged[part], f"{loc}.name={part}", {}
             continue
+        tagged = _named_sections(model, part)
         loc = f"{loc}.{part}" if loc else part
         if i < len(parts) - 1:
             model, chosen = _field_model(model, part), ""
@@ -512,11 +351,11 @@ def _error_line(err: dict, model: type[BaseModel] | None = None, loc: str = "", 
         allowed = sorted(model.model_fields) if model else ["(see the configuration reference in README.md)"]
         here = f"for {chosen}" if chosen else "here"
         return f"unknown key '{loc}'; allowed keys {here}: {', '.join(allowed)}"
-    if kind in ("union_tag_invalid", "union_tag_not_found") and loc in _TAGGED_SECTIONS:
-        configs, what = _TAGGED_SECTIONS[loc]
+    if kind in ("union_tag_invalid", "union_tag_not_found") and tagged:
         name = value.get("name") if isinstance(value, dict) else None
+        what = parts[-1].replace("_", " ")
         bad = f"{loc}.name={name!r} is not a known {what}" if name is not None else f"{loc} needs a name"
-        return f"{bad}; choose one of {', '.join(configs)}"
+        return f"{bad}; choose one of {', '.join(tagged)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
     shown = shorten(value) if not isinstance(value, dict) else "a section"
@@ -527,6 +366,18 @@ def _field_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | N
     """The section model of field `key` of `model`, or None when it is not one section."""
     ann = getattr(model.model_fields.get(key) if model else None, "annotation", None)
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not BaseModel else None
+
+
+def _named_sections(model: type[BaseModel] | None, key: str) -> dict[str, type[BaseModel]]:
+    """{name: section} when field `key` of `model` is one of several sections chosen by their `name`
+    (`Annotated[Union[...], Field(discriminator="name")]`, or that `| None`), else {}."""
+    field = model.model_fields.get(key) if model else None
+    if field is None:
+        return {}
+    unions = [field.annotation] if field.discriminator == "name" else [
+        get_args(a)[0] for a in get_args(field.annotation)
+        if get_origin(a) is Annotated and any(getattr(m, "discriminator", None) == "name" for m in get_args(a)[1:])]
+    return {s.model_fields["name"].default: s for union in unions for s in get_args(union)}
 
 
 def validate(raw: dict) -> ExperimentConfig:

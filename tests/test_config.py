@@ -123,3 +123,35 @@ def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
 def test_a_duplicate_key_in_a_set_value_is_an_error():
     with pytest.raises(ConfigError, match="duplicate key 'a'"):
         parse_value("{a: 1, a: 2}")
+
+
+def _fresh(code: str) -> str:
+    """stdout of `code` run in a new interpreter (nothing imported or registered yet)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_validating_every_builtin_algorithm_imports_no_torch():
+    out = _fresh("import sys\nfrom fedplatform.algorithms import BUILTIN_ALGORITHMS\nfrom fedplatform.config import validate\n"
+                 "names = [validate({'algorithm': {'name': n}}).algorithm.name for n in BUILTIN_ALGORITHMS]\n"
+                 "print(names, 'torch' in sys.modules)")
+    assert out.strip() == "['fedavg', 'fedprox', 'synthetic', 'fedclip', 'creff', 'clip2fl'] False"
+
+
+def test_each_builtin_algorithm_registers_the_config_it_is_validated_with():
+    from fedplatform.algorithms import BUILTIN_ALGORITHMS, get_algorithm
+    from fedplatform.config import ALGORITHM_CONFIGS, algorithm_config
+
+    for name in BUILTIN_ALGORITHMS:
+        config = algorithm_config(name)
+        assert get_algorithm(name).name == name and ALGORITHM_CONFIGS[name] is config
+        assert f"{config.__module__}:{config.__qualname__}" == BUILTIN_ALGORITHMS[name]
+
+
+def test_a_plugin_cannot_take_a_builtin_name_not_yet_asked_for():
+    out = _fresh("from pydantic import BaseModel\nfrom fedplatform.config import register_algorithm_config\n"
+                 "class Mine(BaseModel): pass\n"
+                 "try: register_algorithm_config('creff', Mine)\nexcept ValueError as e: print(e)")
+    assert out.strip() == "algorithm 'creff' already has a config (fedplatform.algorithms.creff_config.CReFFConfig)"

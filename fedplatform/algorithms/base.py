@@ -17,6 +17,7 @@ randomness in `client_update` comes from `generator`, and `evaluate` is determin
 from __future__ import annotations
 
 import abc
+import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {}
 def register_algorithm(name: str, config: type | None = None) -> Callable[[type[Algorithm]], type[Algorithm]]:
     """Register an Algorithm subclass under `name`, with `config` (a pydantic model, e.g. a
     `fedplatform.config.Section`) as the settings its `algorithm:` section is validated against.
-    Built-in algorithms have theirs registered in `fedplatform.config`, so validating a config
-    never imports torch."""
+    Built-in algorithms register theirs the same way; `fedplatform.config` also finds it by name
+    without importing the algorithm (`BUILTIN_ALGORITHMS`), so validating a config never imports torch."""
     from fedplatform.config import ALGORITHM_CONFIGS, register_algorithm_config
 
     if config is not None:
@@ -204,16 +205,20 @@ def register_algorithm(name: str, config: type | None = None) -> Callable[[type[
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    """The algorithm registered as `name`, loading its plug-in entry point if needed."""
+    """The algorithm registered as `name`, importing its built-in module or loading its plug-in
+    entry point if needed."""
+    from fedplatform.algorithms import BUILTIN_ALGORITHMS
     from fedplatform.plugins import ALGORITHM_GROUP, entry_point_names, load_entry_point
 
-    if name not in ALGORITHMS:
+    if name not in ALGORITHMS and name in BUILTIN_ALGORITHMS:
+        importlib.import_module(f"fedplatform.algorithms.{name}")
+    elif name not in ALGORITHMS:
         try:
             load_entry_point(ALGORITHM_GROUP, name)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     if name not in ALGORITHMS:
-        known = sorted(set(ALGORITHMS) | set(entry_point_names(ALGORITHM_GROUP)))
+        known = sorted(set(BUILTIN_ALGORITHMS) | set(ALGORITHMS) | set(entry_point_names(ALGORITHM_GROUP)))
         raise UserError(f"algorithm.name={name!r} is not a known algorithm; choose one of {', '.join(known)}")
     return ALGORITHMS[name]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedplatform.algorithms.base import ClientData, State, register_algorithm, seeded_global_rng
+from fedplatform.algorithms.clip2fl_config import CLIP2FLConfig
 from fedplatform.algorithms.creff import CReFF
 from fedplatform.algorithms.fedavg import LocalLoss
 from fedplatform.algorithms.frozen_clip import FrozenCLIP
@@ -71,7 +72,7 @@ def check_clip2fl(cfg, class_names: list[str], num_classes: int, student_dim: in
             f"(names: {names[:5]}{'...' if len(names) > 5 else ''}); use a source with class names")
 
 
-@register_algorithm("clip2fl")
+@register_algorithm("clip2fl", config=CLIP2FLConfig)
 class CLIP2FL(FrozenCLIP, CReFF):
     """CReFF + CLIP KD on clients + PCL on the server. One frozen CLIP per actor, loaded on first use
     (clients need its text prototypes even with cached image embeddings; the server needs them for PCL)."""

@@ -32,6 +32,7 @@ from fedplatform.algorithms.base import (
     register_algorithm,
     seeded_global_rng,
 )
+from fedplatform.algorithms.creff_config import CReFFConfig
 from fedplatform.algorithms.fedavg import FedAvg, WeightedSum, local_sgd
 from fedplatform.algorithms.images import student_images
 from fedplatform.algorithms.federated_features import (
@@ -68,7 +69,7 @@ def uploaded_gradients(tensors: State) -> tuple[dict[int, tuple[torch.Tensor, to
     return dict(sorted(grads.items())), counts
 
 
-@register_algorithm("creff")
+@register_algorithm("creff", config=CReFFConfig)
 class CReFF(FedAvg):
     """CReFF on the algorithm contract. Defaults (reference): m = 100 features per class,
     match_epoch 100 at lr_feature 0.1, crt_epoch 300 at lr_net 0.01 with batch `batch_size` (32),

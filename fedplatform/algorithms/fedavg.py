@@ -22,9 +22,9 @@ from fedplatform.algorithms.base import (
     register_algorithm,
     seeded_global_rng,
 )
+from fedplatform.algorithms.fedavg_config import FedAvgConfig, LocalTraining
 from fedplatform.algorithms.images import StudentImages, check_augmentation, input_shape, student_images
 from fedplatform.algorithms.server_opt import ServerOptimizer, model_entries
-from fedplatform.config import LocalTraining
 from fedplatform.errors import UserError
 from fedplatform.models.backbones import check_model_name, create_model
 
@@ -116,7 +116,7 @@ class SampleWeightedAggregation:
         return acc.result()
 
 
-@register_algorithm("fedavg")
+@register_algorithm("fedavg", config=FedAvgConfig)
 class FedAvg(SampleWeightedAggregation, Algorithm):
     """FedAvg: clients run `local_sgd` with cross-entropy from the broadcast model; the server takes
     the sample-weighted mean of every state entry. Defaults (reference): 10 local epochs, lr 0.1,

@@ -32,6 +32,7 @@ from fedplatform.algorithms.base import (
     seeded_global_rng,
 )
 from fedplatform.algorithms.fedavg import WeightedSum
+from fedplatform.algorithms.fedclip_config import FedCLIPConfig
 from fedplatform.algorithms.frozen_clip import FrozenCLIP
 from fedplatform.errors import UserError
 from fedplatform.models.adapters import AttentionAdapter, gate_entropy
@@ -66,7 +67,7 @@ def _check_clip(cfg) -> None:
         raise UserError("algorithm.name=fedclip needs clip.model (e.g. ViT-B-32 with clip.pretrained=openai)")
 
 
-@register_algorithm("fedclip")
+@register_algorithm("fedclip", config=FedCLIPConfig)
 class FedCLIP(FrozenCLIP, Algorithm):
     """State / payload / update: the adapter's state dict (`attention.0.*` = W1, b1; `attention.2.*`
     = W2, b2). One frozen CLIP per actor (never per client), loaded on first use."""

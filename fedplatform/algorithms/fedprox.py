@@ -6,9 +6,10 @@ from torch import nn
 
 from fedplatform.algorithms.base import ClientData, State, register_algorithm
 from fedplatform.algorithms.fedavg import FedAvg, LocalLoss
+from fedplatform.algorithms.fedprox_config import FedProxConfig
 
 
-@register_algorithm("fedprox")
+@register_algorithm("fedprox", config=FedProxConfig)
 class FedProx(FedAvg):
     """Local loss = FedAvg's loss + mu/2 * ||w - w_global||^2 over the trainable parameters
     (`algorithm.mu`, default 0.01; mu = 0 is FedAvg). Aggregation and evaluation are FedAvg's."""

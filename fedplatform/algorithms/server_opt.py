@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedplatform.config import FedAdamConfig, FedAvgMConfig, FedYogiConfig
+from fedplatform.algorithms.server_opt_config import FedAdamConfig, FedAvgMConfig, FedYogiConfig
 
 State = dict[str, torch.Tensor]
 PREFIX = "server_optimizer."

@@ -15,12 +15,13 @@ import torch
 from fedplatform.algorithms.base import Algorithm, ClientData, ClientUpdate, State, register_algorithm, seeded_global_rng
 from fedplatform.algorithms.fedavg import SampleWeightedAggregation
 from fedplatform.algorithms.images import input_shape
+from fedplatform.algorithms.synthetic_config import SyntheticConfig
 from fedplatform.models.backbones import check_model_name, create_model
 
 BALLAST = "ballast"
 
 
-@register_algorithm("synthetic")
+@register_algorithm("synthetic", config=SyntheticConfig)
 class Synthetic(SampleWeightedAggregation, Algorithm):
     @classmethod
     def check(cls, cfg) -> None:

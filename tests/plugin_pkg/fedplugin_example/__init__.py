@@ -4,7 +4,7 @@ from torch import nn
 
 from fedplatform import register_algorithm, register_model
 from fedplatform.algorithms.fedavg import FedAvg
-from fedplatform.config import FedAvgConfig
+from fedplatform.algorithms.fedavg_config import FedAvgConfig
 
 
 class FedAvgScaledConfig(FedAvgConfig):
