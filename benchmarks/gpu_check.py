@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def reference_schedule(root: str, work: Path, rounds: int):
     result = run_experiment(cfg, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", progress=False)
     wall = time.perf_counter() - start
     round_s = [h["time/round_s"] for h in result.history]
-    steady = statistics.fmean(round_s[1:]) if len(round_s) > 1 else round_s[0]
+    later = slice(1, None) if len(round_s) > 1 else slice(None)  # round 1 carries the warm-up
+    steady = statistics.fmean(round_s[later])
     startup = wall - sum(round_s)
     out = {"rounds_timed": rounds, "round_s": round_s, "steady_round_s": steady, "startup_and_end_s": startup,
            "client_compute_s": [h["time/client_compute_s"] for h in result.history],
@@ -137,9 +139,10 @@ def reference_schedule(root: str, work: Path, rounds: int):
            "accuracy": [h.get("accuracy") for h in result.history], "layout": RAY_LAYOUT, "reference_rounds": full,
            "extrapolated_full_s": startup + round_s[0] + (full - 1) * steady,
            "extrapolation": f"start-up + round 1 + {full - 1} x the mean of rounds 2..{rounds} (not measured)"}
-    per_round = (f"{steady:.1f} s/round after round 1 (clients {statistics.fmean(out['client_compute_s']):.1f} s, "
-                 f"server {statistics.fmean(out['server_s']):.1f} s)")
-    return out, [("(d) CLIP2FL CIFAR-10-LT reference", f"{rounds} rounds timed, 4 + 1 actors", per_round),
+    per_round = (f"{steady:.1f} s/round after round 1 (clients {statistics.fmean(out['client_compute_s'][later]):.1f} s, "
+                 f"server {statistics.fmean(out['server_s'][later]):.1f} s)")
+    actors = f"{cfg.runtime.num_client_actors} client actors + server"
+    return out, [("(d) CLIP2FL CIFAR-10-LT reference", f"{rounds} rounds timed, {actors}", per_round),
                  ("", f"{full} rounds, EXTRAPOLATED", f"~{out['extrapolated_full_s'] / 60:.0f} min (not measured)")]
 
 
@@ -159,6 +162,7 @@ def main() -> int:
     ap.add_argument("--tests-timeout", type=float, default=240.0, help="(a): seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu_check.json"))
     args = ap.parse_args()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # gpu_check.sh's time limit, even if started in the background
     if not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
         return 2
