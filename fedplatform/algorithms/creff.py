@@ -57,6 +57,13 @@ def server_seed(seed: int, round: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, round, 0xC4EFF, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def device_clock(device: torch.device) -> float:
+    """perf_counter once `device` has finished its queued work (CUDA runs kernels asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def model_part(state: State) -> State:
     """The FedAvg network's entries of a state, payload or update."""
     return {k: v for k, v in state.items() if k not in _EXTRA and not k.startswith(_UPLOAD_PREFIXES)}
@@ -145,21 +152,21 @@ class CReFF(FedAvg):
 
     def aggregate_finish(self, state: State, acc: tuple[WeightedSum, ClassGradientSum], round: int) -> State:
         device, seed = self.ctx.device, self.ctx.cfg.seed
-        t0 = time.perf_counter()
+        t0 = device_clock(device)
         new, real = acc[0].result(), acc[1].result()
-        t1 = time.perf_counter()
+        t1 = device_clock(device)
         contrast, eta = self.contrast()
         features, stats = update_features(
             state[FEATURES].to(device), state[HEAD_W].to(device), state[HEAD_B].to(device),
             {c: (gw.to(device), gb.to(device)) for c, (gw, gb) in real.items()},
             self.cfg.match_epoch, self.cfg.lr_feature, self.cfg.dis_metric, self.cfg.gml_form, contrast, eta)
-        t2 = time.perf_counter()
+        t2 = device_clock(device)
         c, m = self.ctx.num_classes, self.cfg.num_features_per_class
         w0, b0 = fresh_classifier(self.feature_dim, c, server_seed(seed, round, 1))
         gen = torch.Generator(device=device).manual_seed(server_seed(seed, round, 2))
         w, b = retrain_classifier(features, feature_labels(c, m, device), w0.to(device), b0.to(device),
                                   self.cfg.crt_epoch, self.cfg.lr_net, self.cfg.batch_size, gen)
-        t3 = time.perf_counter()
+        t3 = device_clock(device)
         self.timings = {"fedavg_s": t1 - t0, "match_s": t2 - t1, "retrain_s": t3 - t2}
         self.server_stats = {"gml": stats["gml"], "pcl": stats["pcl"], "matched_classes": float(len(real))}
         new[FEATURES] = features.cpu()

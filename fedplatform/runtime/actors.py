@@ -20,10 +20,27 @@ from fedplatform.config import ExperimentConfig
 from fedplatform.errors import UserError
 from fedplatform.runtime.replicate import PreparedData
 
-# Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang", ...}
+# Chaos-testing hook: a JSON file {"round": r, "client": c, "action": "exit" | "raise" | "hang" | "alloc", ...}
 # (or a list of such faults) makes the actor die (once, guarded by the file named by "marker"),
-# raise, or stall for "seconds" when it runs that client.
+# raise, stall for "seconds", or allocate "fraction" of its GPU's memory when it runs that client.
 FAULT_ENV = "FEDPLATFORM_FAULT_FILE"
+
+
+class ClientOutOfMemory(RuntimeError):
+    """A client needed more GPU memory than its actor's share (its `num_gpus` fraction)."""
+
+
+def out_of_memory_message(client_id: int, round: int, num_gpus: float, total_bytes: int, gpu: str) -> str:
+    """What a client that ran out of GPU memory is told: its cap and where the cap comes from."""
+    gib = 2**30
+    if 0 < num_gpus < 1:
+        cap = (f"its cap is {num_gpus * total_bytes / gib:.1f} GiB, runtime.client_resources.num_gpus={num_gpus:g} "
+               f"of the {total_bytes / gib:.1f} GiB of {gpu} (torch.cuda.set_per_process_memory_fraction)")
+        fix = "give clients a larger runtime.client_resources.num_gpus or lower algorithm.batch_size"
+    else:
+        cap = f"it had the whole {total_bytes / gib:.1f} GiB of {gpu} (runtime.client_resources.num_gpus={num_gpus:g})"
+        fix = "lower algorithm.batch_size or use a larger GPU"
+    return f"client {client_id} ran out of GPU memory in round {round}: {cap}; {fix}"
 
 
 def client_seed(seed: int, round: int, client_id: int) -> int:
@@ -96,6 +113,7 @@ class _Worker:
         self.cfg = ExperimentConfig.model_validate(cfg)
         torch.set_num_threads(max(1, int(num_cpus)))
         self.device = pick_device(self.cfg.runtime.device, num_gpus)
+        self.num_gpus = num_gpus
         if self.device.type == "cuda":
             # Same inputs, same bits: no autotuned (run-dependent) convolution algorithms.
             torch.backends.cudnn.benchmark = False
@@ -111,8 +129,12 @@ class _Worker:
         self.algo = get_algorithm(self.cfg.algorithm.name)(ctx)
 
     def ready(self) -> dict:
+        cap = None
+        if self.device.type == "cuda":
+            fraction = self.num_gpus if 0 < self.num_gpus < 1 else 1.0
+            cap = int(fraction * torch.cuda.get_device_properties(self.device).total_memory)
         return {"pid": os.getpid(), "device": str(self.device), "node": ray.get_runtime_context().get_node_id(),
-                "store": str(self.ds.path), "fetched": self.fetched}
+                "store": str(self.ds.path), "fetched": self.fetched, "gpu_memory_cap_bytes": cap}
 
     def _data(self, client_id: int, ids: np.ndarray) -> ClientData:
         """Pixels for fixed-size stores; for encoded stores images stay None (algorithms decode or
@@ -121,7 +143,7 @@ class _Worker:
         return ClientData(client_id, images, torch.from_numpy(np.asarray(self.ds.labels[ids])), ids)
 
 
-def _maybe_inject_fault(round: int, client_id: int) -> None:
+def _maybe_inject_fault(round: int, client_id: int, device: torch.device) -> None:
     path = os.environ.get(FAULT_ENV)
     if not path or not os.path.exists(path):
         return
@@ -129,14 +151,22 @@ def _maybe_inject_fault(round: int, client_id: int) -> None:
         faults = json.load(f)
     for fault in faults if isinstance(faults, list) else [faults]:
         if fault.get("round") == round and fault.get("client") == client_id:
-            _inject(fault, round, client_id)
+            _inject(fault, round, client_id, device)
 
 
-def _inject(fault: dict, round: int, client_id: int) -> None:
+def _inject(fault: dict, round: int, client_id: int, device: torch.device) -> None:
     if fault["action"] == "raise":
         raise RuntimeError(f"injected failure for client {client_id} in round {round}")
     if fault["action"] == "hang":
         time.sleep(fault["seconds"])
+        return
+    if fault["action"] == "alloc":  # a client needing `fraction` of the GPU at once
+        if device.type != "cuda":
+            raise RuntimeError(f"the alloc fault for client {client_id} needs a CUDA client actor, not {device}")
+        block = torch.empty(int(fault["fraction"] * torch.cuda.get_device_properties(device).total_memory),
+                            dtype=torch.uint8, device=device)
+        del block
+        torch.cuda.empty_cache()
         return
     marker = fault["marker"]
     if not os.path.exists(marker):
@@ -149,13 +179,20 @@ class ClientActor(_Worker):
     @ray.method(num_returns=2)
     def train(self, payload: dict, client_id: int, round: int):
         """Returns (small status for the driver, update for the server): the driver never fetches updates."""
-        _maybe_inject_fault(round, client_id)
-        start = time.perf_counter()
-        data = self._data(client_id, self.ds.client_samples(client_id))
-        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, round, client_id))
-        update = self.algo.client_update(from_wire(payload), data, gen)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            _maybe_inject_fault(round, client_id, self.device)
+            start = time.perf_counter()
+            data = self._data(client_id, self.ds.client_samples(client_id))
+            gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, round, client_id))
+            update = self.algo.client_update(from_wire(payload), data, gen)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type != "cuda":
+                raise
+            raise ClientOutOfMemory(out_of_memory_message(
+                client_id, round, self.num_gpus, torch.cuda.get_device_properties(self.device).total_memory,
+                torch.cuda.get_device_name(self.device))) from exc
         bad = None if self.cfg.runtime.allow_nonfinite else nonfinite(update.tensors, update.metrics)
         update.tensors = to_wire(update.tensors)
         status = {"client_id": client_id, "num_samples": update.num_samples, "metrics": update.metrics,
