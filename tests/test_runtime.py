@@ -181,6 +181,7 @@ def test_round_exceeding_its_timeout_fails_naming_the_clients_still_running(work
                        tracking_uri=uri, progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a Ray cluster without GPUs (this machine has one)")
 def test_gpu_fraction_the_cluster_cannot_place_is_a_clear_error(work):
     tmp, uri = work
     cfg = make_cfg(tmp, **{"runtime.client_resources": {"num_cpus": 1, "num_gpus": 0.25}})
