@@ -54,10 +54,9 @@ class _StartupClock:
         self.origin = self.last = origin
         self.phases: dict[str, float] = {}
 
-    def mark(self, phase: str) -> float:
+    def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[phase], self.last = now - self.last, now
-        return now
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
