@@ -43,7 +43,7 @@ def finished(ray_session, tmp_path_factory):
     old = os.getcwd()
     os.chdir(work)
     try:
-        assert main(["run", Q, "--set", "rounds=2"]) == 0
+        assert main(["run", Q, *sets("rounds=2", "runtime.num_client_actors=1")]) == 0
     finally:
         os.chdir(old)
     [run_dir] = (work / "fedplatform_runs").iterdir()
@@ -319,7 +319,7 @@ def test_a_run_that_diverges_stops_with_the_client_and_round_and_keeps_the_last_
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # absolute: MLflow caches stores by URI within a process
-    assert main(["run", Q, *sets("algorithm.lr=0.6", "rounds=4"), "--tracking-uri", uri]) == 1
+    assert main(["run", Q, *sets("algorithm.lr=0.6", "rounds=4", "runtime.num_client_actors=1"), "--tracking-uri", uri]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
@@ -337,7 +337,8 @@ def test_allow_nonfinite_trains_on(ray_session, tmp_path, monkeypatch, capsys):
     from fedplatform.runtime.checkpoint import load
 
     monkeypatch.chdir(tmp_path)
-    assert main(["run", Q, *sets("algorithm.lr=0.6", "rounds=2", "runtime.allow_nonfinite=true"),
+    assert main(["run", Q, *sets("algorithm.lr=0.6", "rounds=2", "runtime.allow_nonfinite=true",
+                                 "runtime.num_client_actors=1"),
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     [run_dir] = (tmp_path / "fedplatform_runs").iterdir()
     ckpt, _ = load(run_dir)

@@ -23,7 +23,8 @@ REGISTERED = "digits-quickstart"
 
 
 def quickstart(tmp, pipeline=QUICKSTART, *sets):
-    return load_config(pipeline, [f"runtime.storage={tmp / 'runs'}", "tracking.experiment=models", *sets])
+    return load_config(pipeline, [f"runtime.storage={tmp / 'runs'}", "tracking.experiment=models",
+                                  "runtime.num_client_actors=1", *sets])
 
 
 @pytest.fixture(scope="module")
