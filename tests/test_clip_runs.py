@@ -27,7 +27,7 @@ def domains(tmp_path_factory):
 def test_fedclip_leave_one_domain_out_run_logs_domain_metrics_and_the_selected_round(tmp_path, domains):
     cfg = domain_config(domains, test_domain="art")
     cfg = validate({**cfg.model_dump(mode="json"), "rounds": 3,
-                    "runtime": {"storage": str(tmp_path / "runs"), "num_client_actors": 2}})
+                    "runtime": {"storage": str(tmp_path / "runs"), "num_client_actors": 1}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_experiment(cfg, tracking_uri=uri, progress=False)
     last = result.history[-1]
@@ -57,7 +57,8 @@ def test_fedclip_with_several_held_out_domains_through_the_cli(tmp_path, domains
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(yaml.safe_dump(domain_config(domains).model_dump(mode="json")))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["data.test_domain=[art, sketch]", "partition.num_clients=2", "clients_per_round=2", "rounds=1"]
+    sets = ["data.test_domain=[art, sketch]", "partition.num_clients=2", "clients_per_round=2", "rounds=1",
+            "runtime.num_client_actors=1"]
     argv = ["run", str(pipeline), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
     client = MlflowClient(uri)
@@ -71,7 +72,7 @@ def test_fedclip_with_several_held_out_domains_through_the_cli(tmp_path, domains
 def test_fedclip_with_every_domain_participating_runs(tmp_path, domains):
     cfg = domain_config(domains, test_domain=None)
     cfg = validate({**cfg.model_dump(mode="json"), "rounds": 1,
-                    "runtime": {"storage": str(tmp_path / "runs")}})
+                    "runtime": {"storage": str(tmp_path / "runs"), "num_client_actors": 1}})
     result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
     assert "in_federation_acc" in result.history[-1] and "accuracy" not in result.history[-1]
 
@@ -83,7 +84,7 @@ def test_creff_and_clip2fl_run_end_to_end_and_log_both_heads(tmp_path, algorithm
     if algorithm == "creff":  # CReFF has no CLIP teacher
         raw.pop("clip")
         raw["algorithm"].pop("kd_weight")
-    raw.update(rounds=2, runtime={"storage": str(tmp_path / "runs"), "num_client_actors": 2})
+    raw.update(rounds=2, runtime={"storage": str(tmp_path / "runs"), "num_client_actors": 1})
     result = run_experiment(validate(raw), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
     last = result.history[-1]
     assert 0.0 <= last["accuracy"] <= 1.0 and 0.0 <= last["fedavg_head_accuracy"] <= 1.0
