@@ -1,11 +1,14 @@
 """The cloud path on one machine: a fake autoscaling cluster whose head has no GPUs and whose GPU
-worker type starts at zero nodes (as cluster.yaml). A run and a sweep that ask for GPU fractions
-scale it up and finish with the numbers of a single-node run; a request the autoscaler cannot meet
-is one clear line. Each test drives the CLI in a subprocess (the cluster is not the session Ray)."""
+worker type starts at zero nodes (as cluster.yaml). The tests share one such cluster (module
+fixture) and run in file order: a request larger than any node type fails at once (nothing is
+scaled); a sweep that asks for GPU fractions finds 0 GPU nodes, scales the cluster up and finishes
+with the numbers of a single-node sweep; a GPU run on the scaled cluster equals a single-node run; a
+request the autoscaler can never meet is one clear line after the wait. The cluster is driven by
+the CLI in a subprocess (it is not the session Ray); the single-node references run in this process
+on the session Ray (`ray_session`) through the Python API."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
+import fedplatform
 from fake_cluster import fake_cluster
 from quickstart_helpers import QUICKSTART
 
@@ -29,13 +33,6 @@ GPU_CLIENTS = ["runtime.num_client_actors=2", "runtime.client_resources.num_cpus
 def cli(*args, env: dict, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedplatform.cli", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def local_env() -> dict:
-    """A process that starts its own single-node Ray."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def sets(*items: str) -> list[str]:
@@ -60,25 +57,30 @@ def gpu_nodes(cluster) -> int:
     return sum(1 for n in cluster.nodes() if n.get("GPU", 0) > 0)
 
 
-def test_a_gpu_run_scales_the_cluster_up_from_zero_gpus_and_matches_a_single_node_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [str(QUICKSTART), "--tracking-uri", uri, *sets(*SMALL, f"runtime.storage={tmp_path / 'runs'}")]
-    with fake_cluster(tmp_path / "cluster") as cluster:
-        assert gpu_nodes(cluster) == 0
-        proc = cli("run", *common, *sets(*GPU_CLIENTS), env=cluster.env(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert ("waiting for the autoscaler (the server and 2 client actors): 2/3 CPUs, 0/1 GPUs up, "
-                "0:00 elapsed of 10:00") in proc.stderr
-        assert "resources ready after" in proc.stderr
-        assert gpu_nodes(cluster) >= 1
-    # the same clients on this machine's own Ray, without GPUs (2 cores: half a CPU each)
-    single = cli("run", *common, *sets("runtime.num_client_actors=2", "runtime.client_resources.num_cpus=0.5",
-                                       "runtime.server_resources.num_cpus=0.5"), env=local_env(), cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
-    assert weights_digest(run_dir_of(proc.stdout)) == weights_digest(run_dir_of(single.stdout))
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One fake autoscaling cluster for the module (its start-up is most of a test's time)."""
+    with fake_cluster(tmp_path_factory.mktemp("autoscaling")) as c:
+        yield c
 
 
-def test_a_gpu_sweep_scales_the_cluster_up_from_zero_gpus_and_matches_a_single_node_sweep(tmp_path):
+# First: it scales nothing, and it sees the head alone.
+def test_a_request_larger_than_any_node_type_fails_at_once(cluster, tmp_path):
+    proc = cli("run", str(QUICKSTART), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               *sets(*SMALL, "runtime.client_resources.num_gpus=4", f"runtime.storage={tmp_path / 'runs'}"),
+               env=cluster.env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [(
+        "error: runtime.client_resources (num_cpus=1, num_gpus=4) fits on no node type of this cluster; "
+        "the Ray cluster has 2 CPUs, 0 GPUs and can grow to 6 CPUs, 2 GPUs — lower the request or add a "
+        "node type that large")]
+    assert "waiting for the autoscaler" not in proc.stderr
+
+
+# Before any test that scales the cluster: it must start from 0 GPU nodes.
+def test_a_gpu_sweep_scales_the_cluster_up_from_zero_gpus_and_matches_a_single_node_sweep(
+        cluster, tmp_path, ray_session):
     def space(name: str, gpus: float) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
@@ -92,15 +94,14 @@ def test_a_gpu_sweep_scales_the_cluster_up_from_zero_gpus_and_matches_a_single_n
         return path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with fake_cluster(tmp_path / "cluster") as cluster:
-        assert gpu_nodes(cluster) == 0
-        proc = cli("sweep", str(space("gpu", 0.5)), "--tracking-uri", uri, env=cluster.env(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert ("waiting for the autoscaler (one trial): 0/0.5 GPUs up, 0:00 elapsed of 10:00"
-                in proc.stderr)
-        assert gpu_nodes(cluster) >= 1
-    single = cli("sweep", str(space("cpu", 0.0)), "--tracking-uri", uri, env=local_env(), cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
+    assert gpu_nodes(cluster) == 0
+    proc = cli("sweep", str(space("gpu", 0.5)), "--tracking-uri", uri, env=cluster.env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("waiting for the autoscaler (one trial): 0/0.5 GPUs up, 0:00 elapsed of 10:00"
+            in proc.stderr)
+    assert gpu_nodes(cluster) >= 1
+    # the same sweep without GPUs on this process's single-node session Ray
+    fedplatform.sweep(space("cpu", 0.0), tracking_uri=uri)
     client = MlflowClient(uri)
 
     def results(experiment: str) -> dict:
@@ -114,15 +115,34 @@ def test_a_gpu_sweep_scales_the_cluster_up_from_zero_gpus_and_matches_a_single_n
     assert {status for status, _ in gpu.values()} == {"FINISHED"}
 
 
-def test_a_request_the_autoscaler_never_meets_fails_after_the_wait_in_one_line(tmp_path):
+def test_a_gpu_run_on_the_autoscaling_cluster_matches_a_single_node_run(cluster, tmp_path, ray_session):
+    """Runs on the cluster the sweep above scaled up (its GPU nodes idle for minutes before they go),
+    so it need not wait; scaling from zero is the sweep's to show. Where it does wait (its own
+    cluster, e.g. on another pytest-xdist worker) the wait must end in "resources ready"."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with fake_cluster(tmp_path / "cluster") as cluster:
-        # Node types unknown to fedplatform here: only waiting tells that no node type has 4 GPUs.
-        proc = cli("run", str(QUICKSTART), "--tracking-uri", uri,
-                   *sets(*SMALL, "runtime.num_client_actors=1", "runtime.client_resources.num_gpus=4",
-                         "runtime.wait_for_resources_s=6",
-                         f"runtime.storage={tmp_path / 'runs'}"),
-                   env=cluster.env(see_node_types=False), cwd=tmp_path)
+    common = [*SMALL, f"runtime.storage={tmp_path / 'runs'}"]
+    proc = cli("run", str(QUICKSTART), "--tracking-uri", uri, *sets(*common, *GPU_CLIENTS), env=cluster.env(),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    if "waiting for the autoscaler" in proc.stderr:
+        assert "resources ready after" in proc.stderr
+    assert gpu_nodes(cluster) >= 1  # the head has none: the run's half-GPU clients ran on added nodes
+    # the same clients on this process's single-node session Ray, without GPUs (half a CPU each)
+    single = fedplatform.run(fedplatform.load_config(QUICKSTART, [
+        *common, "runtime.num_client_actors=2", "runtime.client_resources.num_cpus=0.5",
+        "runtime.server_resources.num_cpus=0.5"]), tracking_uri=uri)
+    assert weights_digest(run_dir_of(proc.stdout)) == weights_digest(single.run_dir)
+
+
+# Last: it leaves a request behind until its wait ends, and needs nothing of the cluster's state.
+def test_a_request_the_autoscaler_never_meets_fails_after_the_wait_in_one_line(cluster, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Node types unknown to fedplatform here: only waiting tells that no node type has 4 GPUs.
+    proc = cli("run", str(QUICKSTART), "--tracking-uri", uri,
+               *sets(*SMALL, "runtime.num_client_actors=1", "runtime.client_resources.num_gpus=4",
+                     "runtime.wait_for_resources_s=6",
+                     f"runtime.storage={tmp_path / 'runs'}"),
+               env=cluster.env(see_node_types=False), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
@@ -132,17 +152,3 @@ def test_a_request_the_autoscaler_never_meets_fails_after_the_wait_in_one_line(t
     client = MlflowClient(uri)
     assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
                 if r.info.status == "RUNNING"]
-
-
-def test_a_request_larger_than_any_node_type_fails_at_once(tmp_path):
-    with fake_cluster(tmp_path / "cluster") as cluster:
-        proc = cli("run", str(QUICKSTART), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                   *sets(*SMALL, "runtime.client_resources.num_gpus=4", f"runtime.storage={tmp_path / 'runs'}"),
-                   env=cluster.env(), cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [(
-        "error: runtime.client_resources (num_cpus=1, num_gpus=4) fits on no node type of this cluster; "
-        "the Ray cluster has 2 CPUs, 0 GPUs and can grow to 6 CPUs, 2 GPUs — lower the request or add a "
-        "node type that large")]
-    assert "waiting for the autoscaler" not in proc.stderr
