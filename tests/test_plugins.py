@@ -91,6 +91,7 @@ def test_installed_plugin_runs_through_the_cli_on_two_actors(installed, tmp_path
 
 API_SCRIPT = """
 import json, sys
+import mlflow
 import numpy as np
 import fedplatform
 from fedplatform.data import prepare
@@ -102,20 +103,23 @@ ds = prepare(cfg)
 probs = model.probabilities(ds.pixels(ds.test_ids))
 accuracy = float((probs.argmax(1) == ds.labels[ds.test_ids]).mean())
 swept = fedplatform.sweep(sys.argv[3], tracking_uri=sys.argv[2])
+trial = mlflow.MlflowClient(sys.argv[2]).get_run(swept.rows[0]["mlflow_run_id"]).data.params
 print("RESULT", json.dumps({"summary": result.summary, "rounds": [h["round"] for h in result.history],
                             "accuracy": accuracy, "model": model.spec["model"], "trials": len(swept.rows),
                             "server_lrs": sorted(r["algorithm.server_lr"] for r in swept.rows),
-                            "statuses": [r["status"] for r in swept.rows]}))
+                            "statuses": [r["status"] for r in swept.rows],
+                            "trial_params": [trial["algorithm.server_lr"], trial["runtime.num_client_actors"]]}))
 """
 
 
 def test_plugins_key_runs_through_the_python_api_and_a_sweep_on_two_actors(tmp_path):
-    """Not installed (no entry points): `plugins:` makes the driver, both actors and each trial import it."""
+    """Not installed (no entry points): `plugins:` makes the driver, both actors and the trial (its trainable and
+    both its actors) import it; the trial sweeps the plug-in's own key away from the pipeline's value."""
     (tmp_path / "plugin.yaml").write_text(PIPELINE.replace("rounds: 2", "rounds: 1"))
     (tmp_path / "space.yaml").write_text(
         "base: plugin.yaml\nset: {plugins: [fedplugin_example]}\n"
-        "space: {algorithm.server_lr: {grid: [0.5, 1.0]}}\nsearcher: basic\nscheduler: {name: fifo}\n"
-        "num_samples: 1\nmax_concurrent_trials: 1\nmetric: accuracy\nmode: max\n")
+        "space: {algorithm.server_lr: {grid: [1.0]}}\nsearcher: basic\nscheduler: {name: fifo}\n"
+        "num_samples: 1\nmetric: accuracy\nmode: max\n")
     proc = subprocess.run([sys.executable, "-c", API_SCRIPT, str(tmp_path / "plugin.yaml"),
                            f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "space.yaml")],
                           env=_env(PLUGIN_SRC, FEDPLATFORM_STORAGE=str(tmp_path / "runs")), cwd=tmp_path,
@@ -124,4 +128,5 @@ def test_plugins_key_runs_through_the_python_api_and_a_sweep_on_two_actors(tmp_p
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["rounds"] == [1] and out["model"] == "tiny_mlp"
     assert out["accuracy"] == pytest.approx(out["summary"]["final_accuracy"], abs=1e-9)
-    assert out["trials"] == 2 and out["server_lrs"] == [0.5, 1.0] and out["statuses"] == ["finished"] * 2
+    assert out["trials"] == 1 and out["server_lrs"] == [1.0] and out["statuses"] == ["finished"]
+    assert out["trial_params"] == ["1.0", "2"]  # the trial's own run: the swept value, on two actors

@@ -193,13 +193,18 @@ def _runs_on_storage(root: str) -> dict[str, tuple[ckpt_io.Checkpoint, dict]]:
     return found
 
 
-def _reference_state(tmp: Path, *overrides: str) -> dict:
-    """The final weights of the same experiment run uninterrupted here, on local storage."""
+# The experiment both tests below interrupt and resume (2 rounds in all): one uninterrupted reference serves both.
+REFERENCE = ("algorithm.local_epochs=1", "runtime.num_client_actors=1", "rounds=2", "algorithm.lr=0.1")
+
+
+@pytest.fixture(scope="module")
+def reference_state(tmp_path_factory, ray_session) -> dict:
+    """The final weights of the REFERENCE experiment run uninterrupted here, on local storage."""
     from fedplatform.experiment import run_experiment
 
-    cfg = load_config(QUICKSTART, ["algorithm.local_epochs=1", "runtime.num_client_actors=1",
-                                   f"runtime.storage={tmp / 'reference'}", *overrides])
-    result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp / 'reference.db'}", progress=False)
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = load_config(QUICKSTART, [*REFERENCE, f"runtime.storage={tmp / 'runs'}"])
+    result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", progress=False)
     return ckpt_io.load(result.run_dir)[1]
 
 
@@ -215,7 +220,7 @@ def _short_tmp(name: str) -> Path:
 
 
 @pytest.mark.cluster
-def test_a_sweep_on_s3_resumes_on_a_brand_new_head_and_ends_as_if_never_interrupted(s3, tmp_path, ray_session):
+def test_a_sweep_on_s3_resumes_on_a_brand_new_head_and_ends_as_if_never_interrupted(s3, tmp_path, reference_state):
     root = f"{s3}/sweep-test"
     keep = tmp_path / "keep"  # the MLflow store outlives the head (a server in the cloud)
     keep.mkdir()
@@ -226,9 +231,9 @@ def test_a_sweep_on_s3_resumes_on_a_brand_new_head_and_ends_as_if_never_interrup
         "set": {"rounds": 2, "algorithm.local_epochs": 1, "runtime.num_client_actors": 1,
                 "runtime.server_resources": {"num_cpus": 0.5}, "runtime.client_resources": {"num_cpus": 0.5},
                 "tracking.experiment": "s3sweep"},
-        "space": {"algorithm.lr": {"grid": [0.1, 0.05]}},
+        "space": {"algorithm.lr": {"grid": [0.1]}},  # one trial, away from the pipeline's lr=0.05
     }))
-    fault = keep / "fault.json"  # round 2 hangs in both trials until the interrupt
+    fault = keep / "fault.json"  # round 2 hangs until the interrupt
     fault.write_text(json.dumps({"round": 2, "client": first_client(2), "action": "hang", "seconds": 600}))
     old = {name: tmp_path / name for name in ("work", "cache")} | {"ray": _short_tmp("ray")}
     old["work"].mkdir()
@@ -238,11 +243,10 @@ def test_a_sweep_on_s3_resumes_on_a_brand_new_head_and_ends_as_if_never_interrup
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        # both trials' round 1 reached Tune: its checkpoints (markers) are on S3
-        while len({p.split("/checkpoint_")[0] for p in _files_under(f"{root}/sweeps")
-                   if re.search(r"/checkpoint_\d+/checkpoint\.json$", p)}) < 2:
+        # the trial's round 1 reached Tune: its checkpoint (marker) is on S3
+        while not any(re.search(r"/checkpoint_\d+/checkpoint\.json$", p) for p in _files_under(f"{root}/sweeps")):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the sweep never got to round 1 of both trials"
+            assert time.monotonic() < deadline, "the sweep never got to round 1 of its trial"
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -264,30 +268,28 @@ def test_a_sweep_on_s3_resumes_on_a_brand_new_head_and_ends_as_if_never_interrup
     assert f"summary and plots in {root}/sweeps/space-" in again.stdout
     assert not (new["work2"] / "fedplatform_runs").exists()  # nothing went to the new head's disk
 
-    runs = _runs_on_storage(root)
-    assert sorted(c.config["algorithm"]["lr"] for c, _ in runs.values()) == [0.05, 0.1]
+    [(run_id, (ckpt, state))] = _runs_on_storage(root).items()
+    assert (ckpt.round, ckpt.config["algorithm"]["lr"]) == (2, 0.1)
+    assert_same_state(state, reference_state)
     client = MlflowClient(uri)
-    for run_id, (ckpt, state) in runs.items():
-        assert ckpt.round == 2
-        assert_same_state(state, _reference_state(tmp_path, "rounds=2", f"algorithm.lr={ckpt.config['algorithm']['lr']}"))
-        run = client.get_run(run_id)  # each trial went on in its own run, no round logged twice
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2]
-        assert run.info.artifact_uri == f"{root}/mlflow/s3sweep/{run_id}/artifacts"
-        assert storage.is_file(f"{run.info.artifact_uri}/model.safetensors")
+    run = client.get_run(run_id)  # the trial went on in its own run, no round logged twice
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2]
+    assert run.info.artifact_uri == f"{root}/mlflow/s3sweep/{run_id}/artifacts"
+    assert storage.is_file(f"{run.info.artifact_uri}/model.safetensors")
     [sweep_dir] = storage.list_dir(f"{root}/sweeps")
     assert {"fedplatform_sweep.json", "sweep_summary.csv", "plots", "tune"} <= set(
         storage.list_dir(f"{root}/sweeps/{sweep_dir}"))
 
 
 @pytest.mark.cluster
-def test_a_run_on_s3_resumes_on_a_brand_new_head_and_equals_the_uninterrupted_run(s3, tmp_path, ray_session):
+def test_a_run_on_s3_resumes_on_a_brand_new_head_and_equals_the_uninterrupted_run(s3, tmp_path, reference_state):
     from fedplatform.experiment import run_experiment
 
     root = f"{s3}/run-test"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["algorithm.local_epochs=1", "runtime.num_client_actors=1", "tracking.experiment=s3run"]
-    first = run_experiment(load_config(QUICKSTART, [*sets, "rounds=2", f"runtime.storage={root}"]),
+    sets = [s for s in REFERENCE if not s.startswith("rounds=")] + ["tracking.experiment=s3run"]
+    first = run_experiment(load_config(QUICKSTART, [*sets, "rounds=1", f"runtime.storage={root}"]),
                            tracking_uri=uri, progress=False)
     assert first.run_dir == f"{root}/{first.run_id}"
 
@@ -295,17 +297,17 @@ def test_a_run_on_s3_resumes_on_a_brand_new_head_and_equals_the_uninterrupted_ru
     work.mkdir()
     again = subprocess.run(
         [sys.executable, "-m", "fedplatform.cli", "run", str(QUICKSTART), *(a for s in sets for a in ("--set", s)),
-         "--set", "rounds=4", "--tracking-uri", uri, "--storage", root, "--resume", first.run_id],
+         "--set", "rounds=2", "--tracking-uri", uri, "--storage", root, "--resume", first.run_id],
         cwd=work, env=_fresh_head_env(_s3_env(), cache, ray_tmp), capture_output=True, text=True, timeout=600)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"MLflow run {first.run_id}; checkpoints in {root}/{first.run_id}" in again.stdout
 
     ckpt, state = ckpt_io.load(f"{root}/{first.run_id}")
-    assert ckpt.round == 4
-    assert_same_state(state, _reference_state(tmp_path, "rounds=4"))
+    assert ckpt.round == 2
+    assert_same_state(state, reference_state)
     client = MlflowClient(uri)
-    assert [m.step for m in client.get_metric_history(first.run_id, "accuracy")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(first.run_id, "accuracy")] == [1, 2]
     artifacts = f"{root}/mlflow/s3run/{first.run_id}/artifacts"
     assert client.get_run(first.run_id).info.artifact_uri == artifacts
     assert storage.is_file(f"{artifacts}/model.safetensors") and storage.is_file(f"{artifacts}/config.yaml")

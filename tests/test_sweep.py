@@ -33,8 +33,8 @@ def write_space(tmp: Path, **over) -> Path:
         "set": {"rounds": 3, "algorithm.local_epochs": 1, "runtime.num_client_actors": 1,
                 "runtime.max_client_retries": 0, "runtime.storage": str(tmp / "runs"),
                 "tracking.experiment": "sweeps"},
-        # good learning rates first: with 2 trials at a time, the slow ones meet a filled ASHA rung
-        "space": {"algorithm.lr": {"grid": [0.1, 0.05, 0.002, 0.001]}},
+        # good learning rates first: with 2 trials at a time, the slow one meets a filled ASHA rung
+        "space": {"algorithm.lr": {"grid": [0.1, 0.05, 0.001]}},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "max_concurrent_trials": "auto",
     }
@@ -46,7 +46,7 @@ def write_space(tmp: Path, **over) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
-    """One 4-trial sweep; a client actor of the first trial to reach round 2 dies once."""
+    """One 3-trial sweep; a client actor of the first trial to reach round 2 dies once."""
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     marker = tmp / "killed-once"
@@ -64,7 +64,7 @@ CLIENT, ROUND1_CLIENT = first_client(2), first_client(1)
 
 def test_sweep_completes_with_one_row_per_trial(sweep):
     result, _, _ = sweep
-    assert len(result.rows) == 4
+    assert len(result.rows) == 3
     assert all(r["status"] in ("finished", "stopped early") for r in result.rows)
     assert "algorithm.lr" in result.table() and "accuracy" in result.table()
 
@@ -127,7 +127,7 @@ def test_grid_values_under_optuna_are_rejected(tmp_path):
 def test_optuna_searcher_draws_its_trials_within_the_space(tmp_path):
     path = write_space(tmp_path, searcher="optuna", num_samples=2, seed=0, scheduler={"name": "fifo"},
                        space={"algorithm.lr": {"loguniform": [0.01, 0.2]}})
-    result = run_sweep(path, ["rounds=2"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    result = run_sweep(path, ["rounds=1"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert [r["status"] for r in result.rows] == ["finished", "finished"]
     lrs = [r["algorithm.lr"] for r in result.rows]
     assert all(0.01 <= lr <= 0.2 for lr in lrs) and lrs[0] != lrs[1]
@@ -183,11 +183,12 @@ def test_a_sweep_whose_every_trial_failed_is_a_failure(tmp_path, ray_session):
     from fedplatform.errors import RunFailed
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_space(tmp_path, space={"algorithm.lr": {"grid": [0.1, 0.05]}}, scheduler={"name": "fifo"},
+    # one trial is enough (each costs a trainable and three actors): it is every trial of the sweep
+    path = write_space(tmp_path, space={"algorithm.lr": {"grid": [0.1]}}, scheduler={"name": "fifo"},
                        max_failures=0)
     ray_session["fault_file"].write_text(json.dumps({"round": 1, "client": ROUND1_CLIENT, "action": "raise"}))
     try:
-        with pytest.raises(RunFailed, match=r"all 2 trials of sweep 'space' failed, the first with ClientError: "
+        with pytest.raises(RunFailed, match=r"all 1 trials of sweep 'space' failed, the first with ClientError: "
                                             r"client \d+ failed in round 1\..* RuntimeError: injected failure"):
             run_sweep(path, tracking_uri=uri)
     finally:
