@@ -188,7 +188,7 @@ def test_a_sweep_whose_every_trial_failed_is_a_failure(tmp_path, ray_session):
                        max_failures=0)
     ray_session["fault_file"].write_text(json.dumps({"round": 1, "client": ROUND1_CLIENT, "action": "raise"}))
     try:
-        with pytest.raises(RunFailed, match=r"all 1 trials of sweep 'space' failed, the first with ClientError: "
+        with pytest.raises(RunFailed, match=r"the one trial of sweep 'space' failed with ClientError: "
                                             r"client \d+ failed in round 1\..* RuntimeError: injected failure"):
             run_sweep(path, tracking_uri=uri)
     finally:

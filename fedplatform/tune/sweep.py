@@ -140,8 +140,10 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         result = summarize(grid, spec, keys, cfg, name, parent_run_id, sweep_dir, tracker)
         failed = [res.error for res in grid if res.error]
         if failed and len(failed) == len(grid):
-            raise RunFailed(f"all {len(grid)} trials of sweep '{name}' failed, the first with "
-                            f"{_error_line(failed[0])} (trial logs under {storage.join(sweep_dir, 'tune')})")
+            which = f"all {len(grid)} trials of sweep '{name}' failed, the first" if len(grid) > 1 else \
+                f"the one trial of sweep '{name}' failed"
+            raise RunFailed(f"{which} with {_error_line(failed[0])} (trial logs under "
+                            f"{storage.join(sweep_dir, 'tune')})")
     except BaseException as exc:
         tracker.finish(exc)
         raise
