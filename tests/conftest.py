@@ -2,17 +2,6 @@ import os
 
 import pytest
 
-# The files that take longest (--durations, 2 cores) start first: with two xdist workers taking
-# whole files in collection order, the short ones then fill in and both workers end together.
-LONGEST_FIRST = ("test_sweep.py", "test_autoscaling.py", "test_cli_run.py", "test_storage.py", "test_clip_runs.py",
-                 "test_partial_participation.py", "test_plugins.py", "test_server_opt.py", "test_report.py",
-                 "test_multinode.py", "test_replicate.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_data_cache(tmp_path_factory):
