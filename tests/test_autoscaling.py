@@ -8,7 +8,6 @@ the CLI in a subprocess (it is not the session Ray); the single-node references 
 on the session Ray (`ray_session`) through the Python API."""
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
 import sys
@@ -17,11 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from safetensors.numpy import load_file
 
 import fedplatform
 from fake_cluster import fake_cluster
-from quickstart_helpers import QUICKSTART
+from quickstart_helpers import QUICKSTART, weights_digest
 
 pytestmark = pytest.mark.cluster
 
@@ -37,16 +35,6 @@ def cli(*args, env: dict, cwd: Path, timeout: float = 400) -> subprocess.Complet
 
 def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
-
-
-def weights_digest(run_dir: str) -> str:
-    (state,) = Path(run_dir).glob("state-r*.safetensors")
-    tensors = load_file(str(state))
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].tobytes())
-    return h.hexdigest()
 
 
 def run_dir_of(stdout: str) -> str:

@@ -3,16 +3,15 @@ cluster needs its own Ray, so the multi-node run is a subprocess beside the sess
 single-node reference runs in this process on the session Ray (`ray_session`)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import textwrap
 
 import pytest
 
 from fake_cluster import run_cluster_script
+from quickstart_helpers import weights_digest
 from fedplatform.config import validate
 from fedplatform.experiment import run_experiment
-from fedplatform.runtime.checkpoint import load
 
 pytestmark = pytest.mark.cluster  # a two-node Ray cluster of its own, in a subprocess
 
@@ -62,15 +61,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def digest(run_dir: str) -> str:
-    _, state = load(run_dir)
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].numpy().tobytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
@@ -96,4 +86,4 @@ def test_multi_node_result_equals_the_single_node_run(multinode, ray_session):
     # the same config on this process's single-node session Ray (4 CPUs: the server and 3 client actors)
     single = run_experiment(validate(config(multinode["tmp"])), tracking_uri=multinode["uri"], progress=False)
     assert [h["accuracy"] for h in single.history] == multinode["acc"]
-    assert digest(single.run_dir) == digest(multinode["run_dir"])
+    assert weights_digest(single.run_dir) == weights_digest(multinode["run_dir"])
