@@ -43,7 +43,10 @@ def check_augmentation(mode: str, encoded: bool, dataset: str) -> None:
 class PixelImages:
     def __init__(self, pixels: torch.Tensor, ctx: Context):
         self.pixels = pixels.to(ctx.device)
-        self.mean, self.std = ctx.norm_mean, ctx.norm_std
+        # On the device once: a tensor made from a list per batch is a blocking host-to-device copy,
+        # which would make every step of local training wait for the GPU.
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=ctx.device)
+                               for v in (ctx.norm_mean, ctx.norm_std))
 
     def plain(self, index: torch.Tensor | slice) -> torch.Tensor:
         return normalize(self.pixels[index], self.mean, self.std)

@@ -17,15 +17,16 @@ PADDING = 4
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W]: ToTensor (x / 255) then Normalize(mean, std)."""
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W]: ToTensor (x / 255) then Normalize(mean, std).
+    mean and std: sequences, or float32 tensors already on the images' device (no copy per call)."""
     if images.dim() != 4 or images.shape[-1] != len(mean) or len(mean) != len(std):
         raise ValueError(
             f"expected uint8 images [N, H, W, C] with C = len(mean) = len(std) = {len(mean)}, "
             f"got shape {tuple(images.shape)} and {len(std)} std values"
         )
     x = images.permute(0, 3, 1, 2).to(torch.float32).div(255)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.sub(m).div(s).contiguous()
 
 
