@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import ray
+import torch
 
 from fedclip_helpers import domain_config, make_domain_folders
 from fedplatform.config import ExperimentConfig
@@ -14,6 +15,7 @@ from fedplatform.models.feature_cache import (
     cache_path,
     encode_samples,
     load_feature_cache,
+    pil_images,
 )
 
 
@@ -46,6 +48,22 @@ def test_built_on_ray_equals_encoding_every_sample_directly(domains, ray_local):
     assert path == cache_path(cfg, ds) and path.parent.parent == ds.path.parent
     assert feats.shape == (len(ds), 512) and feats.dtype == np.float32 and not feats.flags.writeable
     np.testing.assert_allclose(feats, reference_features(cfg, ds), atol=1e-5)
+
+
+def test_threaded_preprocessing_equals_one_image_at_a_time(domains):
+    cfg, ds = domains
+    clip, preprocess, _, _ = create_clip(cfg.clip.model, cfg.clip.pretrained)
+    ids, batch = np.arange(len(ds)), 5  # the last batch is partial
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 3 preprocessing threads; the same for both encodings
+    try:
+        got = encode_samples(clip, preprocess, ds, ids, batch_size=batch)
+        with torch.no_grad():
+            want = [clip.encode_image(torch.stack([preprocess(im) for im in pil_images(ds, ids[s : s + batch])]))
+                    for s in range(0, len(ids), batch)]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(got, torch.cat(want).numpy())
 
 
 def test_build_is_idempotent(domains):

@@ -67,6 +67,8 @@ class FrozenCLIP:
             return torch.from_numpy(np.array(self.cached_embeddings()[ids])).to(self.ctx.device)
         from fedplatform.models.feature_cache import encode_samples
 
+        # One batch per step, in this thread: a pool for 32 images per step measured 25 % slower on
+        # an H200 (16 threads) than one thread.
         with torch.no_grad(), torch.autocast(self.ctx.device.type, enabled=False):
-            e = encode_samples(self.load_clip(), self.preprocess, self.ctx.dataset, ids)
+            e = encode_samples(self.load_clip(), self.preprocess, self.ctx.dataset, ids, threads=1)
         return torch.from_numpy(e).to(self.ctx.device)

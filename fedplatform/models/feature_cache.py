@@ -25,6 +25,8 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -73,22 +75,32 @@ def pil_images(dataset, ids: np.ndarray) -> list[Image.Image]:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in dataset.encoded(ids)]
 
 
-def preprocess_images(dataset, ids: np.ndarray, preprocess) -> torch.Tensor:
-    """[n, 3, S, S] float32 CLIP inputs of the given samples."""
+def preprocess_images(dataset, ids: np.ndarray, preprocess, map_fn=map) -> torch.Tensor:
+    """[n, 3, S, S] float32 CLIP inputs of the given samples (`map_fn`: e.g. a thread pool's map)."""
     images = pil_images(dataset, ids)
     if not images:
         return torch.zeros(0)
-    return torch.stack([preprocess(im) for im in images])
+    return torch.stack(list(map_fn(preprocess, images)))
 
 
 @torch.no_grad()
-def encode_samples(clip, preprocess, dataset, ids: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """float32 [n, d] = float(encode_image(preprocess(x))) of the given samples, in batches."""
+def encode_samples(clip, preprocess, dataset, ids: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
+                   threads: int | None = None) -> np.ndarray:
+    """float32 [n, d] = float(encode_image(preprocess(x))) of the given samples, in batches.
+    Preprocessing (PIL's resize: the costly part beside a GPU) runs on `threads` threads (default
+    `torch.get_num_threads()`; PIL and torch release the GIL) while the device encodes the previous
+    batch; the result is the same as one image at a time. threads=1: all in this thread."""
     param = next(clip.parameters())
-    out = []
-    for start in range(0, len(ids), batch_size):
-        x = preprocess_images(dataset, ids[start : start + batch_size], preprocess)
-        out.append(clip.encode_image(x.to(param.device, param.dtype)).float().cpu().numpy())
+    threads = threads or torch.get_num_threads()
+    out, pending = [], None
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        for start in range(0, len(ids), batch_size):
+            x = preprocess_images(dataset, ids[start : start + batch_size], preprocess, pool.map if pool else map)
+            if pending is not None:
+                out.append(pending.float().cpu().numpy())
+            pending = clip.encode_image(x.to(param.device, param.dtype))
+    if pending is not None:
+        out.append(pending.float().cpu().numpy())
     if not out:
         return np.zeros((0, getattr(clip.visual, "output_dim", 0)), np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
