@@ -1,6 +1,6 @@
 """GPU check (issue 14): what a lent GPU machine should run, in one go (under 8 min on one H100/H200).
 
-    bash benchmarks/gpu_check.sh [--root CIFAR10_DIR] [--rounds 3] [--out FILE]
+    bash benchmarks/gpu_check.sh [--root CIFAR10_DIR] [--rounds 3] [--client-actors 4 ...] [--out FILE]
 
 (a) `pytest -m gpu tests/test_gpu.py`: fractional client actors capped to their memory share (one
     over its share fails alone), 1 vs 2 GPU client actors bit-identical;
@@ -8,8 +8,9 @@
     per-step teacher (ViT-B-32 untrained);
 (c) the CLIP feature-cache build of the CIFAR-10-LT store (ViT-B-32 untrained, in this process on
     the GPU), in images/s;
-(d) pipelines/clip2fl_cifar10_lt.yaml (ViT-B-32 untrained) for a few rounds on Ray (4 client actors
-    and the server, 0.2 GPU each), extrapolated to its 200 rounds. It reuses (c)'s cache.
+(d) pipelines/clip2fl_cifar10_lt.yaml (ViT-B-32 untrained) for a few rounds on Ray (the server at
+    0.2 GPU, 4 client actors sharing the rest; `--client-actors 4 8` times each count in turn),
+    extrapolated to its 200 rounds. It reuses (c)'s cache.
 Then one table, and one JSON (benchmarks/results/gpu_check.json) rewritten after every part, so a
 run cut short (gpu_check.sh stops it with SIGINT at its time limit) keeps what it measured.
 
@@ -45,10 +46,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 PIPELINE = ROOT / "pipelines/clip2fl_cifar10_lt.yaml"
 TAR = ROOT.parent / "shared/datasets/cifar10-jpeg.tar"
 NO_CUDA = "gpu_check: CUDA is required (torch.cuda.is_available() is false here); run it on a machine with an NVIDIA GPU"
-# (d): 4 client actors and the server share the GPU, 0.2 each (also each one's memory cap).
-RAY_LAYOUT = ["runtime.device=cuda", "runtime.num_client_actors=4",
-              "runtime.client_resources.num_cpus=2", "runtime.client_resources.num_gpus=0.2",
-              "runtime.server_resources.num_cpus=2", "runtime.server_resources.num_gpus=0.2"]
+
+
+def ray_layout(client_actors: int) -> list[str]:
+    """(d): the server takes 0.2 of the GPU and the client actors share the rest equally (each
+    fraction is also that actor's memory cap); 8 CPUs among the clients, 2 for the server."""
+    return ["runtime.device=cuda", f"runtime.num_client_actors={client_actors}",
+            f"runtime.client_resources.num_cpus={max(1, 8 // client_actors)}",
+            f"runtime.client_resources.num_gpus={0.8 / client_actors:g}",
+            "runtime.server_resources.num_cpus=2", "runtime.server_resources.num_gpus=0.2"]
 
 
 def cifar10(root: str | None, work: Path) -> tuple[str, str]:
@@ -119,12 +125,13 @@ def feature_cache(root: str):
                   f"{out['images_per_s']:,.0f} images/s ({seconds:.1f} s)")]
 
 
-def reference_schedule(root: str, work: Path, rounds: int):
+def reference_schedule(root: str, work: Path, rounds: int, client_actors: int):
     from fedplatform.config import load_config
     from fedplatform.experiment import run_experiment
 
     full = load_config(PIPELINE, [f"data.root={root}"]).rounds
-    cfg = load_config(PIPELINE, [f"data.root={root}", "clip.pretrained=null", f"rounds={rounds}", *RAY_LAYOUT,
+    layout = ray_layout(client_actors)
+    cfg = load_config(PIPELINE, [f"data.root={root}", "clip.pretrained=null", f"rounds={rounds}", *layout,
                                  f"runtime.storage={work / 'runs'}", "tracking.experiment=gpu_check"])
     start = time.perf_counter()
     result = run_experiment(cfg, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", progress=False)
@@ -136,7 +143,7 @@ def reference_schedule(root: str, work: Path, rounds: int):
     out = {"rounds_timed": rounds, "round_s": round_s, "steady_round_s": steady, "startup_and_end_s": startup,
            "client_compute_s": [h["time/client_compute_s"] for h in result.history],
            "server_s": [h["time/server_s"] for h in result.history],
-           "accuracy": [h.get("accuracy") for h in result.history], "layout": RAY_LAYOUT, "reference_rounds": full,
+           "accuracy": [h.get("accuracy") for h in result.history], "layout": layout, "reference_rounds": full,
            "extrapolated_full_s": startup + round_s[0] + (full - 1) * steady,
            "extrapolation": f"start-up + round 1 + {full - 1} x the mean of rounds 2..{rounds} (not measured)"}
     per_round = (f"{steady:.1f} s/round after round 1 (clients {statistics.fmean(out['client_compute_s'][later]):.1f} s, "
@@ -156,6 +163,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.environ.get("CIFAR10_ROOT"), help="CIFAR-10 (pickles or class folders)")
     ap.add_argument("--rounds", type=int, default=3, help="(d): rounds timed")
+    ap.add_argument("--client-actors", type=int, nargs="+", default=[4],
+                    help="(d): client actors sharing the GPU; several values time (d) once for each")
     ap.add_argument("--local-epochs", type=int, default=10, help="(b): local epochs")
     ap.add_argument("--clients", type=int, default=8, help="(b): reference round-1 clients run")
     ap.add_argument("--steps", type=int, default=5, help="(b): local steps timed per teacher")
@@ -177,7 +186,8 @@ def main() -> int:
     parts = [("a", "(a) pytest -m gpu", lambda: gpu_tests(work, args.tests_timeout)),
              ("b", "(b) CLIP2FL round", lambda: clip2fl_rounds(root, args.local_epochs, args.clients, args.steps)),
              ("c", "(c) feature-cache build", lambda: feature_cache(root)),
-             ("d", "(d) CLIP2FL reference schedule", lambda: reference_schedule(root, work, args.rounds))]
+             *[("d" if i == 0 else f"d_{n}_actors", "(d) CLIP2FL reference schedule",
+                lambda n=n: reference_schedule(root, work, args.rounds, n)) for i, n in enumerate(args.client_actors)]]
     done = 0
     try:
         root, report["data"] = cifar10(args.root, work)
