@@ -125,6 +125,19 @@ def test_actors_open_the_store_in_place_when_their_node_sees_it(store):
     assert data.directories == (store.path.name,) and data.path_here(store.path.name) == store.path
     assert data.fetch_here() == []
     assert data.open_here().fingerprint == store.fingerprint
+    with pytest.raises(ValueError):  # no node had to fetch, so no FileServer was started
+        ray.get_actor(data.server_name)
+
+
+def test_the_first_fetch_starts_the_driver_s_file_server_and_later_ones_share_it(store, tmp_path):
+    data = PreparedData.serve(store.path)
+    name = store.path.name
+    first = ensure_local(tmp_path / "node1" / name, lambda: data._source(name))  # as on a node that lacks it
+    server = ray.get_actor(data.server_name)
+    assert first is True and list_files(tmp_path / "node1" / name) == list_files(store.path)
+    assert ensure_local(tmp_path / "node2" / name, lambda: data._source(name)) is True
+    assert ray.get_actor(data.server_name)._actor_id == server._actor_id  # the same server, found by name
+    assert ensure_local(tmp_path / "node2" / name, lambda: pytest.fail("a complete copy needs no source")) is False
 
 
 def test_processes_of_one_node_fetch_once_and_the_others_read_that_copy(store, tmp_path, small_chunks):
@@ -204,7 +217,7 @@ def test_published_once_then_fetched_from_storage_once_per_node(store, tmp_path,
     location = str(tmp_path / "storage")
     data = PreparedData.serve(store.path, publish_to=location)
     published = tmp_path / "storage" / "data" / store.path.name
-    assert data.server is None and (published / "meta.json").is_file() and (published / LISTING).is_file()
+    assert data.server_name is None and (published / "meta.json").is_file() and (published / LISTING).is_file()
     stamp = (published / "meta.json").stat().st_mtime_ns
     assert publish(store.path, str(published)) is False  # same META there: not uploaded again
     assert (published / "meta.json").stat().st_mtime_ns == stamp

@@ -17,12 +17,14 @@ leaves nothing behind, and a killed copier's temporary directory is removed by t
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import shutil
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -86,13 +88,22 @@ class FileServer:
             return f.read(length)
 
 
-def start_file_server(directories: list[str]):
-    """A FileServer on this process's node (the one that prepared `directories`)."""
+def start_file_server(directories: list[str], node: str | None = None, name: str | None = None):
+    """A FileServer on `node` (default this process's node, the one that prepared `directories`);
+    with `name`, the one of that name if it is already running."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = ray.get_runtime_context().get_node_id()
-    return FileServer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+    node = node or ray.get_runtime_context().get_node_id()
+    named = {"name": name, "get_if_exists": True} if name else {}
+    return FileServer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **named).remote(
         [str(d) for d in directories])
+
+
+@functools.cache
+def _named_file_server(directories: tuple[str, ...], node: str, name: str):
+    """The named FileServer, started if need be; the handle is kept for this process's lifetime, as
+    an actor ends when no process holds a handle to it."""
+    return start_file_server(list(directories), node, name)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -196,7 +207,8 @@ def _node_lock(path: Path) -> Iterator[None]:
 
 def ensure_local(directory: str | Path, source) -> bool:
     """Make `directory` complete on this node, fetched from `source` by one process per node (the
-    others wait and then read its copy); True if this process fetched it."""
+    others wait and then read its copy); True if this process fetched it. `source` may be a
+    function that returns the source: it is called only when this process fetches."""
     path = Path(directory)
     if (path / META).is_file():
         return False
@@ -207,6 +219,7 @@ def ensure_local(directory: str | Path, source) -> bool:
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             if (stale / FETCHING).exists():  # left by a fetch that was killed
                 shutil.rmtree(stale, ignore_errors=True)
+        source = source() if callable(source) else source
         with source, atomic_directory(path, META) as tmp:
             (tmp / FETCHING).touch()
             _copy_into(tmp, source)
@@ -247,13 +260,16 @@ def publish_location(cfg) -> str | None:
 class PreparedData:
     """What the driver prepared for the actors: the store and every directory they read (the
     store first), named relative to the driver's cache root, and where nodes fetch them from:
-    shared storage (`published`) or the driver's FileServer."""
+    shared storage (`published`) or the driver's FileServer (`server_name`). The first process
+    that must fetch starts that FileServer on the driver's node and later ones find it by name,
+    so a run whose actors all share the driver's node starts none (the FileServer is owned by the
+    actor that started it and ends with it)."""
 
     root: str
     node: str
     store: str
     directories: tuple[str, ...]
-    server: Any = None
+    server_name: str | None = None
     published: str | None = None
 
     @classmethod
@@ -268,7 +284,7 @@ class PreparedData:
             for path, name in zip(paths, names):
                 publish(path, cls._published_at(publish_to, name))
             return cls(str(root), node, names[0], names, published=str(publish_to))
-        return cls(str(root), node, names[0], names, server=start_file_server([str(p) for p in paths]))
+        return cls(str(root), node, names[0], names, server_name=f"fedplatform-files-{uuid.uuid4().hex}")
 
     @staticmethod
     def _published_at(location: str, name: str) -> str:
@@ -289,11 +305,13 @@ class PreparedData:
     def _source(self, name: str):
         if self.published is not None:
             return StorageSource(self._published_at(self.published, name))
-        return ServerSource(self.server, str(self._driver_path(name)))
+        directories = tuple(str(self._driver_path(n)) for n in self.directories)
+        return ServerSource(_named_file_server(directories, self.node, self.server_name), str(self._driver_path(name)))
 
     def fetch_here(self) -> list[str]:
         """Fetch whatever this node lacks (once per node); the names this process fetched."""
-        return [name for name in self.directories if ensure_local(self.path_here(name), self._source(name))]
+        return [name for name in self.directories
+                if ensure_local(self.path_here(name), lambda name=name: self._source(name))]
 
     def open_here(self) -> FederatedDataset:
         """The store on this node, fetched first if missing (a fetched copy is verified in full)."""
