@@ -138,6 +138,12 @@ def test_the_first_fetch_starts_the_driver_s_file_server_and_later_ones_share_it
     assert ensure_local(tmp_path / "node2" / name, lambda: data._source(name)) is True
     assert ray.get_actor(data.server_name)._actor_id == server._actor_id  # the same server, found by name
     assert ensure_local(tmp_path / "node2" / name, lambda: pytest.fail("a complete copy needs no source")) is False
+    data.stop_file_server()  # as the engine does at the end of a run
+    deadline = time.monotonic() + 30
+    with pytest.raises(ValueError):  # the name goes when Ray has marked the actor dead
+        while time.monotonic() < deadline:
+            ray.get_actor(data.server_name)
+            time.sleep(0.1)
 
 
 def test_processes_of_one_node_fetch_once_and_the_others_read_that_copy(store, tmp_path, small_chunks):

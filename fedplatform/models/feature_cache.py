@@ -265,6 +265,7 @@ def _encode_on_ray(cfg, dataset, ids, batch_size, precision, num_workers) -> np.
         pool = ActorPool(actors)
         parts = dict(pool.map_unordered(lambda a, s: a.encode.remote(s, ids[s : s + chunk]), starts))
     finally:
+        data.stop_file_server()
         for a in actors:
             ray.kill(a)
     return np.concatenate([parts[s] for s in starts]) if starts else np.zeros((0, embed_dim(cfg.clip.model)), np.float32)

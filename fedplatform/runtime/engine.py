@@ -321,7 +321,6 @@ class Engine:
         return self.server.get_state.remote()
 
     def shutdown(self) -> None:
+        self.data.stop_file_server()
         self.pool.shutdown()
         ray.kill(self.server, no_restart=True)
-        if self.data.server is not None:  # killed: a threaded actor left to exit on its own aborts in Ray
-            ray.kill(self.data.server, no_restart=True)

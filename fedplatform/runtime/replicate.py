@@ -308,6 +308,16 @@ class PreparedData:
         directories = tuple(str(self._driver_path(n)) for n in self.directories)
         return ServerSource(_named_file_server(directories, self.node, self.server_name), str(self._driver_path(name)))
 
+    def stop_file_server(self) -> None:
+        """Kill the FileServer if a fetch started one (a threaded actor left to exit on its own
+        aborts in Ray)."""
+        if self.server_name is None:
+            return
+        try:
+            ray.kill(ray.get_actor(self.server_name), no_restart=True)
+        except ValueError:  # none was started, or it ended with the actor that started it
+            pass
+
     def fetch_here(self) -> list[str]:
         """Fetch whatever this node lacks (once per node); the names this process fetched."""
         return [name for name in self.directories
