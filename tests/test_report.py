@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+import warnings
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -119,3 +120,13 @@ def test_seeds_where_replicas_would_not_share_a_configuration_are_one_clear_erro
     spec = {"seeds": [1, 2], "scheduler": {"name": "fifo"}, **over}
     with pytest.raises(ConfigError, match=message):
         load_spec(write_space(tmp_path, **spec))
+
+
+def test_a_sweep_plot_without_any_finished_trial_draws_no_empty_legend(tmp_path):
+    from fedplatform.tracking.plots import plot_sweep_metric
+
+    rows = [{"algorithm": "fedavg", "algorithm.lr": 0.1, "accuracy": None}]  # its only trial failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a legend with nothing in it
+        path = plot_sweep_metric(rows, "algorithm.lr", "accuracy", tmp_path / "plot.png")
+    assert path.stat().st_size > 0
