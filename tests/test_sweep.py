@@ -183,7 +183,7 @@ def test_a_sweep_whose_every_trial_failed_is_a_failure(tmp_path, ray_session):
     from fedplatform.errors import RunFailed
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # one trial is enough (each costs a trainable and three actors): it is every trial of the sweep
+    # one trial is enough (each costs a trainable and two actors): it is every trial of the sweep
     path = write_space(tmp_path, space={"algorithm.lr": {"grid": [0.1]}}, scheduler={"name": "fifo"},
                        max_failures=0)
     ray_session["fault_file"].write_text(json.dumps({"round": 1, "client": ROUND1_CLIENT, "action": "raise"}))
