@@ -107,7 +107,8 @@ def base(name: str, tmp: Path, rounds: int, per_round: int) -> dict:
     return {
         "name": name, "rounds": rounds, "clients_per_round": per_round,
         "runtime": {"num_client_actors": 2, "storage": str(tmp / "runs"), "eval_every": 10**6,
-                    "checkpoint_every": 10**6, "server_resources": {"num_cpus": 0}},
+                    "checkpoint_every": 10**6, "server_resources": {"num_cpus": 0},
+                    "server_process": "actor"},  # its own process, so its memory is told apart from the driver's
         "tracking": {"experiment": "benchmark-scale"},
     }
 

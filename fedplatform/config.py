@@ -184,6 +184,11 @@ class RuntimeConfig(Section):
     clients_per_round (inside a placement group, sized from that group)."""
     client_resources: Resources = Resources()
     server_resources: Resources = Resources()
+    server_process: Literal["auto", "driver", "actor"] = "auto"
+    """Where the server runs. driver: in the process that runs the rounds (`fedplatform run`'s, the
+    Python API caller's, a sweep trial's): no Ray worker to start, no round trip per call; actor: a
+    Ray actor with server_resources, placed by Ray; auto: driver when the server asks for no GPU
+    and the cluster is one fixed node, else actor. Both give the same numbers."""
     max_client_retries: int = Field(2, ge=0)
     """Times a client is re-run on a fresh actor after its actor died."""
     round_timeout_s: float = Field(3600.0, gt=0.0)
@@ -215,6 +220,10 @@ class RuntimeConfig(Section):
             raise ValueError(
                 f"runtime.num_client_actors={self.num_client_actors} must be >= 1 or 'auto'"
             )
+        if self.server_process == "driver" and self.server_resources.num_gpus:
+            raise ValueError(f"runtime.server_process=driver cannot take runtime.server_resources.num_gpus="
+                             f"{self.server_resources.num_gpus:g} (Ray gives GPU shares to actors only); use "
+                             "server_process actor or auto")
         if self.min_clients is not None and self.client_failures != "skip":
             raise ValueError(f"runtime.min_clients={self.min_clients} only applies with runtime.client_failures=skip "
                              f"(abort needs every client); set client_failures: skip or drop min_clients")

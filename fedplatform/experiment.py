@@ -161,6 +161,7 @@ def run_experiment(
             tracker = tracker_ready.result()
             engine.wait_ready()
             clock.mark("actors")
+            tags = {"fedplatform.server_process": engine.server.where, **(tags or {})}
             run_dir, start_round, history, sampler = _start_tracking(cfg, ds, tracker, resumed, runs, parent_run_id,
                                                                       tags, plot.result() if plot else None)
             clock.mark("mlflow")
@@ -181,7 +182,7 @@ def run_experiment(
                 if r % cfg.runtime.checkpoint_every == 0 or r == cfg.rounds:
                     ckpt = Checkpoint(r, tracker.run_id, sampler.get_state(), cfg.model_dump(mode="json"),
                                       ds.fingerprint, list(history), dropped=_dropped(history))
-                    state = engine.state_ref()  # the server's state after round r, whenever it is fetched
+                    state = engine.snapshot()  # the server's state after round r, whenever it is fetched
                 recorder.submit(_record, tracker, run_dir, row, ckpt, state, bar)
                 if on_round is not None:
                     on_round(row, run_dir)
@@ -211,7 +212,7 @@ def _record(tracker: Tracker, run_dir: str, row: dict, ckpt: Checkpoint | None, 
     tracker.log_metrics(row["round"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"})
     if ckpt is not None:
         ckpt.history = ckpt_io.jsonable(ckpt.history)
-        ckpt_io.save(run_dir, ckpt, ray.get(state))
+        ckpt_io.save(run_dir, ckpt, state())
     bar.update(row)
 
 

@@ -49,6 +49,11 @@ def test_clients_per_round_cannot_exceed_num_clients(tmp_path):
     assert msg.startswith("clients_per_round=5 exceeds partition.num_clients=4")
 
 
+def test_a_server_in_the_driver_cannot_ask_for_a_gpu(tmp_path):
+    msg = error_of(tmp_path, overrides=["runtime.server_process=driver", "runtime.server_resources.num_gpus=0.5"])
+    assert "runtime.server_process=driver cannot take runtime.server_resources.num_gpus=0.5" in msg
+
+
 def test_set_without_equals_sign(tmp_path):
     assert "expected KEY=VALUE" in error_of(tmp_path, overrides=["seed"])
 

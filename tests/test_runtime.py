@@ -94,6 +94,15 @@ def test_same_seed_gives_bit_identical_weights_with_one_and_three_actors(work, b
     assert [h["accuracy"] for h in three.history] == [h["accuracy"] for h in baseline.history]
 
 
+def test_server_in_the_driver_and_in_an_actor_give_bit_identical_weights(work, baseline):
+    tmp, uri = work
+    actor = run_experiment(make_cfg(tmp, **{"runtime.server_process": "actor"}), tracking_uri=uri, progress=False)
+    tags = {r: MlflowClient(uri).get_run(r).data.tags["fedplatform.server_process"] for r in (baseline.run_id, actor.run_id)}
+    assert tags == {baseline.run_id: "driver", actor.run_id: "actor"}  # auto: one node, no GPU asked
+    assert_same_state(final_state(baseline), final_state(actor))
+    assert [h["accuracy"] for h in actor.history] == [h["accuracy"] for h in baseline.history]
+
+
 def test_killed_client_actor_is_replaced_and_the_result_is_unchanged(work, baseline, fault):
     tmp, uri = work
     client = baseline.history[1]["clients"][2]

@@ -1,4 +1,5 @@
-"""Ray actors: `ClientActor` runs any logical client it is handed, `ServerActor` holds the state.
+"""Ray actors: `ClientActor` runs any logical client it is handed; `Server` holds the state, as a
+Ray actor (`ServerActor`) or as an object in the driver's process (runtime.server_process).
 
 Both open the prepared dataset once (memory-mapped, zero-copy) and build the algorithm once, so
 models stay on their device between rounds. A client's randomness comes only from a generator
@@ -201,8 +202,7 @@ class ClientActor(_Worker):
         return status, update
 
 
-@ray.remote
-class ServerActor(_Worker):
+class Server(_Worker):
     def __init__(self, cfg: dict, data: PreparedData, num_cpus: float, num_gpus: float,
                  state: dict[str, torch.Tensor] | None = None):
         super().__init__(cfg, data, num_cpus, num_gpus)
@@ -261,3 +261,6 @@ class ServerActor(_Worker):
 
     def get_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state.items()}
+
+
+ServerActor = ray.remote(Server)

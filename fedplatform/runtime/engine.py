@@ -23,7 +23,7 @@ import ray
 
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import NonFinite, RunFailed, UserError
-from fedplatform.runtime.actors import ClientActor, ServerActor
+from fedplatform.runtime.actors import ClientActor, Server, ServerActor
 from fedplatform.runtime.replicate import PreparedData
 from fedplatform.runtime.resources import Cluster, bundle, check_fits_a_node, client_pool_size, release_request, \
     wait_for_resources
@@ -148,6 +148,74 @@ def _in_bundle(index: int) -> dict:
         placement_group=pg, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
 
 
+class _ActorServer:
+    """The server as a Ray actor: its calls queue on it in order, so updates fold while clients train."""
+
+    where = "actor"
+
+    def __init__(self, args: tuple, res):
+        self.actor = ServerActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **_in_bundle(0)).remote(*args)
+        self.actors, self.folds = [self.actor], []
+
+    def start(self) -> None:
+        pass
+
+    def begin_round(self, round: int, clients: list[int]) -> ray.ObjectRef:
+        self.folds = []
+        return self.actor.begin_round.remote(round, clients)
+
+    def accumulate(self, client_id: int, update_ref: list | None) -> None:
+        self.folds.append(self.actor.accumulate.remote(client_id, update_ref))
+
+    def finish_round(self, round: int, evaluate: bool, check_finite: bool) -> dict:
+        ray.get(self.folds)  # an aggregation error surfaces here
+        return ray.get(self.actor.finish_round.remote(round, evaluate, check_finite))
+
+    def snapshot(self) -> Callable[[], dict]:
+        ref = self.actor.get_state.remote()  # queued before the next round's calls
+        return lambda: ray.get(ref)
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor, no_restart=True)
+
+
+class _DriverServer:
+    """The server as an object in this process: the same calls, run in place. Built by `start`, once
+    the client actors are launched, so it is made while their processes start."""
+
+    where, actors = "driver", []
+
+    def __init__(self, args: tuple, res):
+        self.args, self.server = args, None
+
+    def start(self) -> None:
+        self.server = Server(*self.args)
+
+    def begin_round(self, round: int, clients: list[int]) -> ray.ObjectRef:
+        return ray.put(self.server.begin_round(round, clients))
+
+    def accumulate(self, client_id: int, update_ref: list | None) -> None:
+        self.server.accumulate(client_id, update_ref)
+
+    def finish_round(self, round: int, evaluate: bool, check_finite: bool) -> dict:
+        return self.server.finish_round(round, evaluate, check_finite)
+
+    def snapshot(self) -> Callable[[], dict]:
+        state = {k: v.clone() for k, v in self.server.get_state().items()}  # later rounds may update in place
+        return lambda: state
+
+    def shutdown(self) -> None:
+        self.server = None
+
+
+def server_in_driver(rt, cluster: Cluster) -> bool:
+    """runtime.server_process: auto hosts the server in the driver when it asks for no GPU and the
+    cluster is one fixed node (elsewhere Ray places it, with its resources)."""
+    if rt.server_process != "auto":
+        return rt.server_process == "driver"
+    return not rt.server_resources.num_gpus and len(cluster.nodes) == 1 and not cluster.autoscaling
+
+
 class Engine:
     def __init__(self, cfg: ExperimentConfig, data: PreparedData, num_actors: int, server_state=None,
                  wait: bool = True):
@@ -159,20 +227,19 @@ class Engine:
         self.on_drop: Callable[[int, int, str, str], None] | None = None
         """Called as (round, client id, reason, detail) when client_failures=skip drops a client."""
         requested = False
+        cluster = Cluster.observe()
         if ray.util.get_current_placement_group() is not None:  # a Tune trial: its group is reserved
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round)
         else:
-            cluster = Cluster.observe()
             check_fits_a_node(rt.server_resources, "runtime.server_resources", cluster)
             check_fits_a_node(rt.client_resources, "runtime.client_resources", cluster)
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round, cluster)
             requested = wait_for_resources([bundle(rt.server_resources)] + [bundle(rt.client_resources)] * n, cluster,
                                rt.wait_for_resources_s, f"the server and {n} client actor{'s' * (n > 1)}")
         # Server and clients start together; their start-up overlaps.
-        self.server = ServerActor.options(num_cpus=rt.server_resources.num_cpus,
-                                          num_gpus=rt.server_resources.num_gpus,
-                                          **_in_bundle(0)).remote(
-            *args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state)
+        where = _DriverServer if server_in_driver(rt, cluster) else _ActorServer
+        self.server = where((*args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state),
+                            rt.server_resources)
         self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                           rt.client_resources)
         self._requested = requested
@@ -181,7 +248,8 @@ class Engine:
 
     def wait_ready(self) -> None:
         try:
-            _Pool.wait_ready([self.server, *self.pool.actors])
+            self.server.start()
+            _Pool.wait_ready([*self.server.actors, *self.pool.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -193,8 +261,7 @@ class Engine:
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
         rt, start = self.cfg.runtime, time.perf_counter()
         deadline = start + rt.round_timeout_s
-        payload = self.server.begin_round.remote(round, clients)  # one object-store copy shared by every client
-        folds: list[ray.ObjectRef] = []
+        payload = self.server.begin_round(round, clients)  # one object-store copy shared by every client
         # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
         queue = deque(sorted(clients))
         # Each actor's tasks in the order it runs them, as [status ref, client, update ref, started at]
@@ -211,7 +278,7 @@ class Engine:
             if rt.client_failures == "abort":
                 raise ClientError(error)
             dropped[cid] = reason
-            folds.append(self.server.accumulate.remote(cid, None))
+            self.server.accumulate(cid, None)
             if self.on_drop is not None:
                 self.on_drop(round, cid, reason, detail)
             need = rt.min_clients or 1
@@ -267,7 +334,7 @@ class Engine:
                 else:
                     self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
                     done[cid] = status
-                    folds.append(self.server.accumulate.remote(cid, [update_ref]))  # streamed to the server now
+                    self.server.accumulate(cid, [update_ref])  # streamed to the server now
                     durations.append(status["compute_s"])
             if rt.client_timeout_s is not None:
                 now = time.perf_counter()
@@ -279,8 +346,7 @@ class Engine:
                              f"client {cid} in round {round} exceeded runtime.client_timeout_s="
                              f"{rt.client_timeout_s:g}")
                         replace(i)  # kills the hung task: nothing keeps working in the background
-        ray.get(folds)  # an aggregation error surfaces here
-        server = ray.get(self.server.finish_round.remote(round, evaluate, not rt.allow_nonfinite))
+        server = self.server.finish_round(round, evaluate, not rt.allow_nonfinite)
         self._check_finite(round, [("the aggregated server state", server["nonfinite"])])
         row: dict = {"round": round, "clients": list(clients), "dropped_clients": sorted(dropped),
                      "clients/succeeded": len(done), "clients/dropped": len(dropped)}
@@ -314,13 +380,13 @@ class Engine:
                                 "checkpoint. Lower the learning rate, or set runtime.allow_nonfinite=true to train on")
 
     def state(self) -> dict:
-        return ray.get(self.state_ref())
+        return self.snapshot()()
 
-    def state_ref(self) -> ray.ObjectRef:
-        """The server's state as it is now: the server runs its calls in order, so later rounds do not change it."""
-        return self.server.get_state.remote()
+    def snapshot(self) -> Callable[[], dict]:
+        """The server's state as it is now, to fetch later (later rounds do not change it)."""
+        return self.server.snapshot()
 
     def shutdown(self) -> None:
         self.data.stop_file_server()
         self.pool.shutdown()
-        ray.kill(self.server, no_restart=True)
+        self.server.shutdown()
