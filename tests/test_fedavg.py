@@ -1,4 +1,7 @@
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,10 +10,13 @@ from sklearn.datasets import load_digits
 
 from fedplatform.algorithms import ClientData, ClientUpdate, Context, get_algorithm
 from fedplatform.algorithms.base import classification_metrics
-from fedplatform.algorithms.fedavg import FedAvg
+from fedplatform.algorithms.fedavg import FedAvg, sgd_step
 from fedplatform.algorithms.fedprox import FedProx
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import UserError
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +135,39 @@ def test_client_update_is_bit_identical_for_the_same_generator_seed_on_any_actor
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     c = actor_a.client_update(payload, client(digits, 0), torch.Generator().manual_seed(6))
     assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
+
+
+def test_sgd_step_is_torch_optim_sgd_bit_for_bit():
+    def net():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10),
+                                    torch.nn.Linear(10, 10))
+        model[3].requires_grad_(False)  # frozen: no gradient, left alone by both
+        return model
+
+    x, y = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
+    ours, theirs = net(), net()
+    optimizer = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
+    params = [p for p in ours.parameters() if p.requires_grad]
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(theirs(x), y).backward()
+        optimizer.step()
+        for p in params:
+            p.grad = None
+        torch.nn.functional.cross_entropy(ours(x), y).backward()
+        sgd_step(params, 0.05)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+
+
+def test_a_client_update_does_not_import_torch_dynamo():
+    """torch.optim imports torch._dynamo (1.3 s of CPU) when an optimizer is made: not in a FedAvg client."""
+    code = ("import sys, torch; from tests.test_fedavg import digits, train_once, make_algorithm; "
+            "d = digits.__wrapped__(); train_once(d, make_algorithm(d).init_server_state(0)); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_client_update_returns_cpu_state_and_leaves_payload_and_global_rng_untouched(digits):
