@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,50 @@ def fedplatform(*args, cwd):
                           text=True, timeout=600, env=dict(os.environ, FEDPLATFORM_OFFLINE="1"))
 
 
-def test_run_quickstart_finishes_offline_and_prints_its_summary(tmp_path):
-    proc = fedplatform("run", str(ROOT / "pipelines/quickstart.yaml"), "--set", "rounds=3", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "final_accuracy" in proc.stdout
-    assert "open the UI: fedplatform ui --tracking-uri sqlite:///mlflow.db" in proc.stdout
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` now (Linux /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_run_quickstart_finishes_offline_prints_its_summary_and_leaves_no_process_behind(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fedplatform.cli", "run", str(ROOT / "pipelines/quickstart.yaml"),
+                             "--set", "rounds=3"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, FEDPLATFORM_OFFLINE="1"))
+    seen: set[int] = set()
+    while proc.poll() is None:  # Ray's daemons, its workers and their helpers, as they come
+        seen |= descendants(proc.pid)
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "final_accuracy" in stdout
+    assert "open the UI: fedplatform ui --tracking-uri sqlite:///mlflow.db" in stdout
     assert (tmp_path / "mlflow.db").exists()
     assert len(list((tmp_path / "fedplatform_runs").iterdir())) == 1
+    assert len(seen) >= 3  # Ray's daemons and workers were seen
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(p) for p in seen):
+        time.sleep(0.2)
+    assert not [p for p in seen if alive(p)], "processes of the command's Ray outlived it"
 
 
 def test_process_start_is_when_the_process_began_not_when_it_is_asked():
