@@ -188,7 +188,8 @@ class RuntimeConfig(Section):
     """Where the server runs. driver: in the process that runs the rounds (`fedplatform run`'s, the
     Python API caller's, a sweep trial's): no Ray worker to start, no round trip per call; actor: a
     Ray actor with server_resources, placed by Ray; auto: driver when the server asks for no GPU
-    and the cluster is one fixed node, else actor. Both give the same numbers."""
+    and the cluster is one fixed node the driver runs on (not a Ray Client), else actor. Both give
+    the same numbers."""
     max_client_retries: int = Field(2, ge=0)
     """Times a client is re-run on a fresh actor after its actor died."""
     round_timeout_s: float = Field(3600.0, gt=0.0)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from fake_cluster import run_cluster_script
 from quickstart_helpers import weights_digest
@@ -87,3 +89,8 @@ def test_multi_node_result_equals_the_single_node_run(multinode, ray_session):
     single = run_experiment(validate(config(multinode["tmp"])), tracking_uri=multinode["uri"], progress=False)
     assert [h["accuracy"] for h in single.history] == multinode["acc"]
     assert weights_digest(single.run_dir) == weights_digest(multinode["run_dir"])
+    # auto: on one node the server runs in the driver's process, on two it is a Ray actor; same bits
+    tracking = MlflowClient(multinode["uri"])
+    where = {run: tracking.get_run(run).data.tags["fedplatform.server_process"]
+             for run in (single.run_id, Path(multinode["run_dir"]).name)}
+    assert where == {single.run_id: "driver", Path(multinode["run_dir"]).name: "actor"}

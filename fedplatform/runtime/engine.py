@@ -1,11 +1,11 @@
 """The round loop: seeded sampling, dispatch over a work queue of client actors, aggregation on
-the server actor, evaluation, MLflow logging and checkpoints.
+the server (an actor, or an object in the driver's process), evaluation.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
 store once; sampled clients are handed, in client-id order, to the actors (each holds its next one
 while enough are queued, so it never idles waiting for the driver); clients return
 a small status (to the driver) and an update reference, passed to the server as soon as the client
-finishes (never through the driver); the server folds updates in client-id order, so neither the
+finishes (a server actor fetches it itself, never through the driver); the server folds updates in client-id order, so neither the
 actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
 raises or passes runtime.client_timeout_s is dropped (the server is told, so later clients' turns
 come) and the round needs runtime.min_clients replies.
@@ -183,7 +183,7 @@ class _DriverServer:
     """The server as an object in this process: the same calls, run in place. Built by `start`, once
     the client actors are launched, so it is made while their processes start."""
 
-    where, actors = "driver", []
+    where, actors = "driver", ()
 
     def __init__(self, args: tuple, res):
         self.args, self.server = args, None
@@ -210,10 +210,14 @@ class _DriverServer:
 
 def server_in_driver(rt, cluster: Cluster) -> bool:
     """runtime.server_process: auto hosts the server in the driver when it asks for no GPU and the
-    cluster is one fixed node (elsewhere Ray places it, with its resources)."""
+    cluster is one fixed node that the driver runs on (not a Ray Client, `ray://`, elsewhere);
+    otherwise Ray places it, with its resources."""
     if rt.server_process != "auto":
         return rt.server_process == "driver"
-    return not rt.server_resources.num_gpus and len(cluster.nodes) == 1 and not cluster.autoscaling
+    from ray.util.client import ray as client
+
+    return (not rt.server_resources.num_gpus and len(cluster.nodes) == 1 and not cluster.autoscaling
+            and not client.is_connected())
 
 
 class Engine:
