@@ -103,6 +103,17 @@ def test_server_in_the_driver_and_in_an_actor_give_bit_identical_weights(work, b
     assert [h["accuracy"] for h in actor.history] == [h["accuracy"] for h in baseline.history]
 
 
+def test_a_server_in_the_driver_leaves_the_callers_torch_threads_as_they_were(work):
+    tmp, uri = work
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's own setting; the server (server_resources 1 CPU) runs on 1
+    try:
+        run_experiment(make_cfg(tmp, rounds=1), tracking_uri=uri, progress=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_killed_client_actor_is_replaced_and_the_result_is_unchanged(work, baseline, fault):
     tmp, uri = work
     client = baseline.history[1]["clients"][2]

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Callable
 
 import ray
+import torch
 
 from fedplatform.config import ExperimentConfig
 from fedplatform.errors import NonFinite, RunFailed, UserError
@@ -181,12 +182,14 @@ class _ActorServer:
 
 class _DriverServer:
     """The server as an object in this process: the same calls, run in place. Built by `start`, once
-    the client actors are launched, so it is made while their processes start."""
+    the client actors are launched, so it is made while their processes start. It sets torch's
+    thread count as a server actor does (server_resources.num_cpus); `shutdown` gives this
+    process (a notebook, say) its own back."""
 
     where, actors = "driver", ()
 
     def __init__(self, args: tuple, res):
-        self.args, self.server = args, None
+        self.args, self.server, self.threads = args, None, torch.get_num_threads()
 
     def start(self) -> None:
         self.server = Server(*self.args)
@@ -206,6 +209,7 @@ class _DriverServer:
 
     def shutdown(self) -> None:
         self.server = None
+        torch.set_num_threads(self.threads)
 
 
 def server_in_driver(rt, cluster: Cluster) -> bool:
