@@ -62,7 +62,7 @@ def test_class_gradient_sum_is_bit_identical_to_the_reference_mean():
         assert torch.equal(gw, ref_w / total) and torch.equal(gb, ref_b / total)
 
 
-def make_cfg(tmp, clients_per_round: int):
+def make_cfg(tmp, clients_per_round: int, server_process: str = "auto"):
     return validate({
         "name": "stream", "seed": 11,
         "data": {"dataset": "digits", "cache_dir": str(tmp / "cache")},
@@ -70,7 +70,7 @@ def make_cfg(tmp, clients_per_round: int):
         "model": {"name": "small_cnn"},
         "algorithm": {"name": "synthetic", "work_s": 0.0, "update_mb": UPDATE_MB},
         "rounds": 1, "clients_per_round": clients_per_round,
-        "runtime": {"num_client_actors": 2, "storage": str(tmp / "runs")},
+        "runtime": {"num_client_actors": 2, "storage": str(tmp / "runs"), "server_process": server_process},
         "tracking": {"experiment": "streaming"},
     })
 
@@ -95,21 +95,35 @@ def expected_state(cfg):
     return reference_weighted_average([u.tensors for u in updates], [u.num_samples for u in updates])
 
 
+# All at once, 64 updates would add 60 x 20 MB. Streaming holds at most the updates that arrive ahead of
+# their turn: two per actor (each actor holds its next client), plus the one being folded (and the sum).
+BOUND_MB = (2 * 2 + 2) * UPDATE_MB
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_server_memory_does_not_grow_with_clients_per_round_and_weights_equal_all_at_once(tmp_path):
+    """A server actor: its process holds nothing else, so its peak is compared across two runs."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    few = run_experiment(make_cfg(tmp_path, 4), tracking_uri=uri, progress=False)
-    many_cfg = make_cfg(tmp_path, 64)
+    few = run_experiment(make_cfg(tmp_path, 4, "actor"), tracking_uri=uri, progress=False)
+    many_cfg = make_cfg(tmp_path, 64, "actor")
     many = run_experiment(many_cfg, tracking_uri=uri, progress=False)
     growth = many.history[0]["memory/server_peak_private_mb"] - few.history[0]["memory/server_peak_private_mb"]
-    # All at once, 64 updates would add 60 x 20 MB. Streaming holds at most the updates that arrive
-    # ahead of their turn: two per actor (each actor holds its next client), plus the one being folded.
-    assert growth < (2 * 2 + 2) * UPDATE_MB, growth
+    assert growth < BOUND_MB, growth
+    assert many.history[0]["memory/server_round_growth_mb"] < BOUND_MB
     _, state = load(many.run_dir)
     expected = expected_state(many_cfg)
     assert state.keys() == expected.keys()
     for key in expected:
         assert torch.equal(state[key], expected[key]), key
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_server_in_the_driver_streams_too(tmp_path):
+    """In the driver's process (which holds the tracking, the plots and, in a test, pytest) only what
+    the round itself added is the server's; 64 updates of 20 MB still add at most a few."""
+    run = run_experiment(make_cfg(tmp_path, 64, "driver"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                         progress=False)
+    assert run.history[0]["memory/server_round_growth_mb"] < BOUND_MB
 
 
 def test_synthetic_checks_its_model_name_on_the_driver(tmp_path):

@@ -218,7 +218,7 @@ class Server(_Worker):
         `round` then folds the clients' updates in client-id order as they arrive."""
         payload = to_wire(self.algo.broadcast(self.state))
         self._payload_bytes = state_bytes(payload)
-        self._peak_private = private_mb()
+        self._start_private = self._peak_private = private_mb()
         self._turns = deque(sorted(clients))
         self._arrived: dict[int, ray.ObjectRef | None] = {}
         self._server_s = 0.0
@@ -245,13 +245,17 @@ class Server(_Worker):
 
     def finish_round(self, round: int, evaluate: bool, check_finite: bool) -> dict:
         """New state from the folded updates, then (unless it has inf/nan) its evaluation: one call.
-        Memory: resident MB and the peak private MB this round, sampled as each update is folded in."""
+        Memory: resident MB and the peak private MB this round, sampled as each update is folded in,
+        and that peak less the private MB at the round's start (what the round itself added: in the
+        driver's process the absolute figure also counts whatever the driver holds)."""
         start = time.perf_counter()
         if self._turns:
             raise RuntimeError(f"round {round}: no update or drop was reported for clients {list(self._turns)}")
         self.state = self.algo.aggregate_finish(self.state, self._acc, round)
         self._acc = None
-        out = {"payload_bytes": self._payload_bytes, "peak_private_mb": max(self._peak_private, private_mb()),
+        peak = max(self._peak_private, private_mb())
+        out = {"payload_bytes": self._payload_bytes, "peak_private_mb": peak,
+               "round_growth_mb": peak - self._start_private,
                "nonfinite": nonfinite(self.state) if check_finite else None, "metrics": None}
         if evaluate and out["nonfinite"] is None:
             out["metrics"] = self.algo.evaluate(self.state, self._test) if len(self._test.labels) else {}

@@ -377,6 +377,7 @@ class Engine:
             "memory/client_actor_rss_mb": max(s["rss_mb"] for s in statuses),
             "memory/server_rss_mb": server["rss_mb"],
             "memory/server_peak_private_mb": server["peak_private_mb"],
+            "memory/server_round_growth_mb": server["round_growth_mb"],
         })
         return row
 
