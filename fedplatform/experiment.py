@@ -23,6 +23,7 @@ from fedplatform.config import ExperimentConfig, flatten, to_yaml
 from fedplatform.errors import RunInterrupted, UserError
 from fedplatform.runtime import checkpoint as ckpt_io
 from fedplatform.runtime.checkpoint import Checkpoint, ClientSampler
+from fedplatform.runtime.engine import Engine, summarize
 from fedplatform.runtime.replicate import PreparedData, publish_location
 from fedplatform.tracking.mlflow_run import Tracker, check_tracking_uri, git_commit, resolve_uri
 
@@ -96,23 +97,6 @@ def ensure_ray(address: str | None = None) -> None:
         raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
 
 
-def _load_inputs(cfg: ExperimentConfig, resume: str | None, runs: str, tmp: Path):
-    """Everything a run needs from its inputs, checked: the algorithm (its modules imported, torch
-    among them, and `check`ed), the resume target, the prepared data and, for a new run, the
-    partition plot. Returns (algorithm, resumed or None, dataset, plot path or None)."""
-    from mlflow.tracking import MlflowClient  # noqa: F401 - imported here, off the main thread (the Tracker's)
-
-    from fedplatform.algorithms import get_algorithm
-    from fedplatform.data import prepare
-    from fedplatform.runtime import engine  # noqa: F401 - torch and the runtime, imported here off the main thread
-
-    algorithm = get_algorithm(cfg.algorithm.name)
-    algorithm.check(cfg)
-    resumed = _resume_target(cfg, resume, runs) if resume is not None else None
-    ds = prepare(cfg)
-    return algorithm, resumed, ds, _plot_partition(ds, tmp) if resumed is None else None
-
-
 def _resume_target(cfg: ExperimentConfig, resume: str, runs: str) -> tuple[str, Checkpoint, dict]:
     run_dir = ckpt_io.find_run_dir(runs, resume)
     ckpt, state = ckpt_io.load(run_dir)
@@ -143,29 +127,30 @@ def run_experiment(
     The run directory is `<runs_under>/<MLflow run id>`, by default under runtime.storage (a sweep
     trial passes its own folder there); `tags` go on a new MLflow run (a trial's configuration)."""
     clock = _StartupClock(COMMAND_STARTED if COMMAND_STARTED is not None else time.perf_counter())
+    from fedplatform.data import prepare
+
+    from fedplatform.algorithms import get_algorithm
+
     if resume is not None and not resume.strip():
         raise UserError("--resume needs a run id or a run directory, got an empty value")
     check_ray_address(ray_address)
     storage.check_writable(cfg.runtime.storage)
     runs = runs_under or cfg.runtime.storage
+    resumed = _resume_target(cfg, resume, runs) if resume is not None else None
     uri = resolve_uri(tracking_uri, cfg.tracking.tracking_uri)
     check_tracking_uri(uri)  # creates nothing, unlike the Tracker (an SQLite file)
-    clock.mark("imports")  # the CLI: interpreter, config and Ray's module
+    algorithm = get_algorithm(cfg.algorithm.name)
+    algorithm.check(cfg)
+    clock.mark("imports")  # the CLI: interpreter, config, Ray, torch and the algorithm's modules
+    ds = prepare(cfg)
+    clock.mark("data")
     with ThreadPoolExecutor(1) as background, tempfile.TemporaryDirectory() as tmp:
-        # torch and the algorithm's modules import, the resume target and the data load while Ray starts
-        inputs = background.submit(_load_inputs, cfg, resume, runs, Path(tmp))
+        # MLflow's import and store set-up, and the partition plot, overlap Ray's and the actors' start-up.
+        tracker_ready = background.submit(Tracker, uri, storage=cfg.runtime.storage)
+        plot = background.submit(_plot_partition, ds, Path(tmp)) if resumed is None else None
         try:
             ensure_ray(ray_address)  # before algorithm.prepare: a feature cache is built on this cluster
-        except BaseException:
-            inputs.result()  # a bad input is reported before the cluster's error
-            raise
-        clock.mark("ray_init")
-        algorithm, resumed, ds, plot = inputs.result()
-        clock.mark("data")  # what loading them took beyond Ray's start
-        from fedplatform.runtime.engine import Engine, summarize
-
-        tracker_ready = background.submit(Tracker, uri, storage=cfg.runtime.storage)  # MLflow's store, beside the actors' start
-        try:
+            clock.mark("ray_init")
             prepared = algorithm.prepare(cfg, ds)
             engine = Engine(cfg, PreparedData.serve(ds.path, prepared, publish_location(cfg)),
                             cfg.runtime.num_client_actors, server_state=resumed[2] if resumed else None, wait=False)
@@ -178,7 +163,7 @@ def run_experiment(
             clock.mark("actors")
             tags = {"fedplatform.server_process": engine.server.where, **(tags or {})}
             run_dir, start_round, history, sampler = _start_tracking(cfg, ds, tracker, resumed, runs, parent_run_id,
-                                                                      tags, plot)
+                                                                      tags, plot.result() if plot else None)
             clock.mark("mlflow")
         except BaseException:
             engine.shutdown()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from fedplatform import storage
 from fedplatform.errors import UserError
-
-if TYPE_CHECKING:  # torch is imported where tensors are read or written: the driver imports it while Ray starts
-    import torch
 
 CHECKPOINT = "checkpoint.json"
 
@@ -64,8 +64,6 @@ class Checkpoint:
 def save(run_dir: str, ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
     """Write the state file, then `checkpoint.json` (the commit point: atomic on a local disk
     through a rename, and a single PUT on an object store), then delete older state files."""
-    from safetensors.torch import save as save_tensors
-
     ckpt.state_file = f"state-r{ckpt.round:05d}.safetensors"
     storage.write_bytes(storage.join(run_dir, ckpt.state_file),
                         save_tensors({k: v.contiguous() for k, v in state.items()}))
@@ -87,8 +85,6 @@ def find_run_dir(runs_dir: str, run: str) -> str:
 
 
 def load(run_dir: str) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
-    from safetensors.torch import load as load_tensors
-
     try:
         ckpt = Checkpoint(**json.loads(storage.read_bytes(storage.join(run_dir, CHECKPOINT))))
         state = load_tensors(storage.read_bytes(storage.join(run_dir, ckpt.state_file)))
