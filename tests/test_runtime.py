@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from fedplatform.config import validate
 from fedplatform.errors import UserError
 from fedplatform.experiment import run_experiment
 from fedplatform.runtime.checkpoint import find_run_dir, load
-from fedplatform.runtime.engine import ClientError, RoundTimeout, client_batch
+from fedplatform.runtime.engine import ClientError, RoundTimeout
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -122,31 +121,6 @@ def test_killed_client_actor_is_replaced_and_the_result_is_unchanged(work, basel
     result = run_experiment(make_cfg(tmp, **{"runtime.num_client_actors": 2}), tracking_uri=uri, progress=False)
     assert (tmp / "killed-once").exists()  # the actor really died
     assert_same_state(final_state(baseline), final_state(result))
-
-
-def test_clients_are_batched_per_task_only_when_each_can_still_be_told_apart():
-    rt = make_cfg(Path("/tmp")).runtime
-    assert [client_batch(rt, n, 2) for n in (3, 8, 10, 64)] == [1, 2, 2, 4]
-    assert client_batch(rt.model_copy(update={"client_failures": "skip"}), 64, 2) == 1
-    assert client_batch(rt.model_copy(update={"client_timeout_s": 30.0}), 64, 2) == 1
-
-
-def test_an_actor_killed_in_a_batch_reruns_its_clients_and_the_result_is_unchanged(work, baseline, fault):
-    tmp, uri = work  # one actor and 5 clients a round: tasks of 2 clients
-    client = sorted(baseline.history[1]["clients"])[1]  # the second of its task
-    fault(round=2, client=client, action="exit", marker=str(tmp / "killed-in-batch"))
-    result = run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
-    assert (tmp / "killed-in-batch").exists()
-    assert_same_state(final_state(baseline), final_state(result))
-
-
-def test_a_client_raising_in_a_batch_is_the_one_named(work, baseline, fault):
-    tmp, uri = work
-    client = sorted(baseline.history[0]["clients"])[1]  # second in the first task, after one that succeeds
-    fault(round=1, client=client, action="raise")
-    with pytest.raises(ClientError, match=rf"client {client} failed in round 1\. Traceback") as info:
-        run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
-    assert "injected failure" in str(info.value)
 
 
 def test_client_exception_names_client_and_round_with_its_traceback_and_fails_the_run(work, baseline, fault):

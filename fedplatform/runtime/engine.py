@@ -2,12 +2,11 @@
 the server (an actor, or an object in the driver's process), evaluation.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
-store once; sampled clients are handed, in client-id order, to the actors, a few per task when
-there are many per actor (`client_batch`), and each actor holds its next task while enough are
-queued, so it never idles waiting for the driver; a task returns small statuses (to the driver)
-and one update reference per client, passed to the server as soon as the task finishes (a server
-actor fetches them itself, never through the driver); the server folds updates in client-id
-order, so neither the actor count, the batching nor the finishing order changes the result. With runtime.client_failures=skip a client that
+store once; sampled clients are handed, in client-id order, to the actors (each holds its next one
+while enough are queued, so it never idles waiting for the driver); clients return
+a small status (to the driver) and an update reference, passed to the server as soon as the client
+finishes (a server actor fetches it itself, never through the driver); the server folds updates in client-id order, so neither the
+actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
 raises or passes runtime.client_timeout_s is dropped (the server is told, so later clients' turns
 come) and the round needs runtime.min_clients replies.
 """
@@ -31,8 +30,6 @@ from fedplatform.runtime.resources import Cluster, bundle, check_fits_a_node, cl
     wait_for_resources
 
 ACTOR_START_TIMEOUT_S = 300.0
-MAX_BATCH = 4
-"""Most clients one actor task runs (see `client_batch`)."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -55,17 +52,6 @@ def _discard(ref) -> None:
         ray.get(ref, timeout=1)
     except Exception:
         pass
-
-
-def client_batch(rt, clients: int, actors: int) -> int:
-    """Clients per actor task this round: a Ray task costs about 1.5 ms of the actor's time on a
-    loaded machine, so with many clients per actor a task runs a few (at most MAX_BATCH, and few
-    enough that each actor still gets two tasks). One when each client must be told apart as it
-    runs: client_failures=skip (a failing client is dropped, its batch-mates not) or a
-    client_timeout_s (each client's clock)."""
-    if rt.client_failures == "skip" or rt.client_timeout_s is not None:
-        return 1
-    return max(1, min(MAX_BATCH, clients // (2 * actors)))
 
 
 def ideal_client_time(durations: list[float], num_actors: int) -> float:
@@ -286,11 +272,10 @@ class Engine:
         payload = self.server.begin_round(round, clients)  # one object-store copy shared by every client
         # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
         queue = deque(sorted(clients))
-        # Each actor's tasks in the order it runs them, as [status ref, clients, update refs, started at]
+        # Each actor's tasks in the order it runs them, as [status ref, client, update ref, started at]
         # (started at: when the one ahead of it finished). While enough work remains every actor holds
-        # two, so it starts its next task without waiting for the driver.
+        # two, so it starts its next client without waiting for the driver.
         lanes: list[deque] = [deque() for _ in self.pool.actors]
-        batch = client_batch(rt, len(clients), len(lanes))
         retries = {c: 0 for c in clients}
         done: dict[int, dict] = {}
         dropped: dict[int, str] = {}
@@ -313,7 +298,7 @@ class Engine:
 
         def replace(i: int) -> None:
             """A new actor for lane i; the clients queued behind the lost one go back to the queue."""
-            queue.extendleft(sorted((cid for _, cids, _, _ in lanes[i] for cid in cids), reverse=True))
+            queue.extendleft(sorted((cid for _, cid, _, _ in lanes[i]), reverse=True))
             lanes[i].clear()
             self.pool.replace(i)
 
@@ -321,58 +306,49 @@ class Engine:
             for depth in (1, 2):  # first every idle actor, then a second client each, in client-id order
                 for i, lane in enumerate(lanes):
                     if queue and len(lane) < depth and (depth == 1 or len(queue) >= len(lanes)):
-                        cids = [queue.popleft() for _ in range(min(batch, len(queue)))]
-                        status_ref, *update_refs = self.pool.actors[i].train.options(
-                            num_returns=1 + len(cids)).remote(payload, cids, round)
-                        lane.append([status_ref, cids, update_refs, time.perf_counter()])
+                        cid = queue.popleft()
+                        status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
+                        lane.append([status_ref, cid, update_ref, time.perf_counter()])
             heads = {lane[0][0]: i for i, lane in enumerate(lanes) if lane}
             wake = deadline
             if rt.client_timeout_s is not None:
                 wake = min(wake, min(lane[0][3] for lane in lanes if lane) + rt.client_timeout_s)
             ready, _ = ray.wait(list(heads), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
             if not ready and time.perf_counter() >= deadline:
-                names = sorted(cid for lane in lanes if lane for cid in lane[0][1])  # not those queued behind them
+                names = sorted(lane[0][1] for lane in lanes if lane)  # not those queued behind them
                 raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={rt.round_timeout_s:g}; "
                                    f"clients still running: {names}")
             for ref in ready:
                 i = heads[ref]
-                _, cids, update_refs, _ = lanes[i].popleft()
+                _, cid, update_ref, _ = lanes[i].popleft()
                 if lanes[i]:
                     lanes[i][0][3] = time.perf_counter()
                 try:
-                    statuses = ray.get(ref)
+                    status = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    if len(cids) > 1:  # which of them killed it is unknown: all go again, one per task from now
-                        batch = 1
-                        queue.extendleft(reversed(cids))
+                    retries[cid] += 1
+                    if retries[cid] > rt.max_client_retries:
+                        fail(cid, "actor died", str(exc),
+                             f"client {cid} in round {round}: its actor died {retries[cid]} times "
+                             f"(runtime.max_client_retries={rt.max_client_retries}): {exc}")
                     else:
-                        cid = cids[0]
-                        retries[cid] += 1
-                        if retries[cid] > rt.max_client_retries:
-                            fail(cid, "actor died", str(exc),
-                                 f"client {cid} in round {round}: its actor died {retries[cid]} times "
-                                 f"(runtime.max_client_retries={rt.max_client_retries}): {exc}")
-                        else:
-                            queue.appendleft(cid)
+                        queue.appendleft(cid)
                     replace(i)
                 except ray.exceptions.RayTaskError as exc:
-                    cid = getattr(getattr(exc, "cause", None), "fedplatform_client", cids[0])
                     trace = ANSI.sub("", str(exc)).strip()
-                    for update_ref in update_refs:
-                        _discard(update_ref)
+                    _discard(update_ref)
                     fail(cid, "raised", f"Traceback from its actor:\n{trace}",
                          f"client {cid} failed in round {round}. Traceback from its actor:\n{trace}")
                 else:
-                    for cid, status, update_ref in zip(cids, statuses, update_refs):
-                        self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
-                        done[cid] = status
-                        self.server.accumulate(cid, [update_ref])  # streamed to the server now
-                        durations.append(status["compute_s"])
+                    self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
+                    done[cid] = status
+                    self.server.accumulate(cid, [update_ref])  # streamed to the server now
+                    durations.append(status["compute_s"])
             if rt.client_timeout_s is not None:
                 now = time.perf_counter()
                 for i, lane in enumerate(lanes):
                     if lane and now - lane[0][3] >= rt.client_timeout_s:
-                        cid = lane.popleft()[1][0]  # with a client_timeout_s every task runs one client
+                        cid = lane.popleft()[1]
                         fail(cid, "timed out", f"still running after runtime.client_timeout_s="
                              f"{rt.client_timeout_s:g} s; its actor was replaced",
                              f"client {cid} in round {round} exceeded runtime.client_timeout_s="
