@@ -3,12 +3,12 @@ the server (an actor, or an object in the driver's process), evaluation.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
 store once; sampled clients are handed, in client-id order, to the actors (each holds its next one
-while enough are queued, so it never idles waiting for the driver); clients return
-a small status (to the driver) and an update reference, passed to the server as soon as the client
-finishes (a server actor fetches it itself, never through the driver); the server folds updates in client-id order, so neither the
-actor count nor finishing order changes the result. With runtime.client_failures=skip a client that
-raises or passes runtime.client_timeout_s is dropped (the server is told, so later clients' turns
-come) and the round needs runtime.min_clients replies.
+while enough are queued, so it never idles waiting for the driver); clients return a small status
+(to the driver) and an update reference, passed to the server as soon as the client finishes (a
+server actor fetches it itself, never through the driver); the server folds updates in client-id
+order, so neither the actor count nor finishing order changes the result. With
+runtime.client_failures=skip a client that raises or passes runtime.client_timeout_s is dropped
+(the server is told, so later clients' turns come) and the round needs runtime.min_clients replies.
 """
 from __future__ import annotations
 
