@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fedplatform.config import validate
 from fedplatform.errors import UserError
 from fedplatform.experiment import run_experiment
 from fedplatform.runtime.checkpoint import find_run_dir, load
-from fedplatform.runtime.engine import ClientError, RoundTimeout
+from fedplatform.runtime.engine import ClientError, RoundTimeout, client_batch
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -121,6 +122,43 @@ def test_killed_client_actor_is_replaced_and_the_result_is_unchanged(work, basel
     result = run_experiment(make_cfg(tmp, **{"runtime.num_client_actors": 2}), tracking_uri=uri, progress=False)
     assert (tmp / "killed-once").exists()  # the actor really died
     assert_same_state(final_state(baseline), final_state(result))
+
+
+def test_clients_are_batched_per_task_only_when_each_can_still_be_told_apart():
+    rt = make_cfg(Path("/tmp")).runtime
+    small = 40_000
+    assert [client_batch(rt, n, 2, small) for n in (3, 8, 10, 64)] == [1, 2, 2, 4]
+    assert client_batch(rt, 64, 2, None) == 1  # round 1: the updates' size is not known yet
+    assert client_batch(rt, 64, 2, 2 << 20) == 1  # big updates: the server would hold 4x more ahead of their turn
+    assert client_batch(rt.model_copy(update={"client_failures": "skip"}), 64, 2, small) == 1
+    assert client_batch(rt.model_copy(update={"client_timeout_s": 30.0}), 64, 2, small) == 1
+
+
+def test_an_actor_killed_in_a_batch_reruns_its_clients_and_the_result_is_unchanged(work, baseline, fault):
+    tmp, uri = work  # one actor and 5 clients a round: from round 2, tasks of 2 clients
+    client = sorted(baseline.history[1]["clients"])[1]  # the second of its task
+    fault(round=2, client=client, action="exit", marker=str(tmp / "killed-in-batch"))
+    result = run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
+    assert (tmp / "killed-in-batch").exists()
+    assert_same_state(final_state(baseline), final_state(result))
+
+
+def test_an_actor_killed_in_a_batch_with_no_retries_names_the_whole_batch(work, baseline, fault):
+    tmp, uri = work
+    first, second = sorted(baseline.history[1]["clients"])[:2]
+    fault(round=2, client=second, action="exit", marker=str(tmp / "killed-no-retry"))
+    with pytest.raises(ClientError, match=rf"clients \[{first}, {second}\] in round 2, run in one task: their "
+                                          r"actor died 1 times \(runtime.max_client_retries=0\)"):
+        run_experiment(make_cfg(tmp, **{"runtime.max_client_retries": 0}), tracking_uri=uri, progress=False)
+
+
+def test_a_client_raising_in_a_batch_is_the_one_named(work, baseline, fault):
+    tmp, uri = work
+    client = sorted(baseline.history[1]["clients"])[1]  # second in round 2's first task, after one that succeeds
+    fault(round=2, client=client, action="raise")
+    with pytest.raises(ClientError, match=rf"client {client} failed in round 2\. Traceback") as info:
+        run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
+    assert "injected failure" in str(info.value)
 
 
 def test_client_exception_names_client_and_round_with_its_traceback_and_fails_the_run(work, baseline, fault):

@@ -7,6 +7,7 @@ seeded by (seed, round, client id): the result does not depend on which actor ru
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -178,8 +179,25 @@ def _inject(fault: dict, round: int, client_id: int, device: torch.device) -> No
 @ray.remote
 class ClientActor(_Worker):
     @ray.method(num_returns=2)
-    def train(self, payload: dict, client_id: int, round: int):
-        """Returns (small status for the driver, update for the server): the driver never fetches updates."""
+    def train(self, payload: dict, client_ids: list[int], round: int):
+        """Runs `client_ids` one after the other: one Ray task for a few clients when the engine
+        batches them (called with num_returns = 1 + their number). Returns their small statuses for
+        the driver, then each one's update for the server as an object of its own (a server actor
+        fetches it; the driver never does). A client that raises is named on its exception, as
+        `fedplatform_client`."""
+        statuses, updates = [], []
+        for client_id in client_ids:
+            try:
+                status, update = self._train_one(payload, client_id, round)
+            except Exception as exc:
+                with contextlib.suppress(AttributeError):
+                    exc.fedplatform_client = client_id
+                raise
+            statuses.append(status)
+            updates.append(update)
+        return (statuses, *updates)
+
+    def _train_one(self, payload: dict, client_id: int, round: int):
         try:
             _maybe_inject_fault(round, client_id, self.device)
             start = time.perf_counter()

@@ -2,13 +2,15 @@
 the server (an actor, or an object in the driver's process), evaluation.
 
 One round (ARCHITECTURE.md "One round, as data moves"): the server's payload goes into the object
-store once; sampled clients are handed, in client-id order, to the actors (each holds its next one
-while enough are queued, so it never idles waiting for the driver); clients return a small status
-(to the driver) and an update reference, passed to the server as soon as the client finishes (a
-server actor fetches it itself, never through the driver); the server folds updates in client-id
-order, so neither the actor count nor finishing order changes the result. With
-runtime.client_failures=skip a client that raises or passes runtime.client_timeout_s is dropped
-(the server is told, so later clients' turns come) and the round needs runtime.min_clients replies.
+store once; sampled clients are handed, in client-id order, to the actors, a few per task when
+there are many per actor and their updates are small (`client_batch`), and each actor holds its
+next task while enough are queued, so it never idles waiting for the driver; a task returns small
+statuses (to the driver) and one update reference per client, passed to the server as soon as the
+task finishes (a server actor fetches them itself, never through the driver); the server folds
+updates in client-id order, so neither the actor count, the batching nor the finishing order
+changes the result. With runtime.client_failures=skip a client that raises or passes
+runtime.client_timeout_s is dropped (the server is told, so later clients' turns come) and the
+round needs runtime.min_clients replies.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ from fedplatform.runtime.resources import Cluster, bundle, check_fits_a_node, cl
     wait_for_resources
 
 ACTOR_START_TIMEOUT_S = 300.0
+MAX_BATCH = 4
+"""Most clients one actor task runs (see `client_batch`)."""
+BATCH_UPDATE_BYTES = 1 << 20
+"""Clients share a task only while their updates are at most this size (see `client_batch`)."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -52,6 +58,23 @@ def _discard(ref) -> None:
         ray.get(ref, timeout=1)
     except Exception:
         pass
+
+
+def client_batch(rt, clients: int, actors: int, update_bytes: int | None) -> int:
+    """Clients per actor task this round. A Ray task costs about 1.5 ms of the actor's time on a
+    loaded machine, so with many clients per actor a task runs a few: at most MAX_BATCH, and few
+    enough that each actor still gets two tasks. One client per task when
+    - each client must be told apart as it runs: client_failures=skip (a failing client is dropped,
+      its batch-mates not) or a client_timeout_s (each client's clock);
+    - the last round's largest update (`update_bytes`; None before the first) was over
+      BATCH_UPDATE_BYTES: a batch's updates reach the server together, ahead of their turn, so the
+      server would hold MAX_BATCH times more of them; and a client with a model that size trains
+      far longer than a task's cost."""
+    if rt.client_failures == "skip" or rt.client_timeout_s is not None:
+        return 1
+    if update_bytes is None or update_bytes > BATCH_UPDATE_BYTES:
+        return 1
+    return max(1, min(MAX_BATCH, clients // (2 * actors)))
 
 
 def ideal_client_time(durations: list[float], num_actors: int) -> float:
@@ -251,6 +274,8 @@ class Engine:
         self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                           rt.client_resources)
         self._requested = requested
+        self.update_bytes: int | None = None
+        """The last round's largest client update, in bytes (it decides `client_batch`)."""
         if wait:
             self.wait_ready()
 
@@ -272,10 +297,11 @@ class Engine:
         payload = self.server.begin_round(round, clients)  # one object-store copy shared by every client
         # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
         queue = deque(sorted(clients))
-        # Each actor's tasks in the order it runs them, as [status ref, client, update ref, started at]
+        # Each actor's tasks in the order it runs them, as [status ref, clients, update refs, started at]
         # (started at: when the one ahead of it finished). While enough work remains every actor holds
-        # two, so it starts its next client without waiting for the driver.
+        # two, so it starts its next task without waiting for the driver.
         lanes: list[deque] = [deque() for _ in self.pool.actors]
+        batch = client_batch(rt, len(clients), len(lanes), self.update_bytes)
         retries = {c: 0 for c in clients}
         done: dict[int, dict] = {}
         dropped: dict[int, str] = {}
@@ -298,7 +324,7 @@ class Engine:
 
         def replace(i: int) -> None:
             """A new actor for lane i; the clients queued behind the lost one go back to the queue."""
-            queue.extendleft(sorted((cid for _, cid, _, _ in lanes[i]), reverse=True))
+            queue.extendleft(sorted((cid for _, cids, _, _ in lanes[i] for cid in cids), reverse=True))
             lanes[i].clear()
             self.pool.replace(i)
 
@@ -306,49 +332,58 @@ class Engine:
             for depth in (1, 2):  # first every idle actor, then a second client each, in client-id order
                 for i, lane in enumerate(lanes):
                     if queue and len(lane) < depth and (depth == 1 or len(queue) >= len(lanes)):
-                        cid = queue.popleft()
-                        status_ref, update_ref = self.pool.actors[i].train.remote(payload, cid, round)
-                        lane.append([status_ref, cid, update_ref, time.perf_counter()])
+                        cids = [queue.popleft() for _ in range(min(batch, len(queue)))]
+                        status_ref, *update_refs = self.pool.actors[i].train.options(
+                            num_returns=1 + len(cids)).remote(payload, cids, round)
+                        lane.append([status_ref, cids, update_refs, time.perf_counter()])
             heads = {lane[0][0]: i for i, lane in enumerate(lanes) if lane}
             wake = deadline
             if rt.client_timeout_s is not None:
                 wake = min(wake, min(lane[0][3] for lane in lanes if lane) + rt.client_timeout_s)
             ready, _ = ray.wait(list(heads), num_returns=1, timeout=max(0.0, wake - time.perf_counter()))
             if not ready and time.perf_counter() >= deadline:
-                names = sorted(lane[0][1] for lane in lanes if lane)  # not those queued behind them
+                names = sorted(cid for lane in lanes if lane for cid in lane[0][1])  # not those queued behind them
                 raise RoundTimeout(f"round {round} exceeded runtime.round_timeout_s={rt.round_timeout_s:g}; "
                                    f"clients still running: {names}")
             for ref in ready:
                 i = heads[ref]
-                _, cid, update_ref, _ = lanes[i].popleft()
+                _, cids, update_refs, _ = lanes[i].popleft()
                 if lanes[i]:
                     lanes[i][0][3] = time.perf_counter()
                 try:
-                    status = ray.get(ref)
+                    statuses = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    retries[cid] += 1
-                    if retries[cid] > rt.max_client_retries:
-                        fail(cid, "actor died", str(exc),
-                             f"client {cid} in round {round}: its actor died {retries[cid]} times "
+                    # Each client of the task is charged, and from now on each runs alone, so a
+                    # death that comes again names the client that causes it.
+                    batch = 1
+                    for cid in cids:
+                        retries[cid] += 1
+                    over = [cid for cid in cids if retries[cid] > rt.max_client_retries]
+                    if over:
+                        who = (f"client {cids[0]} in round {round}: its actor" if len(cids) == 1 else
+                               f"clients {cids} in round {round}, run in one task: their actor")
+                        fail(over[0], "actor died", str(exc), f"{who} died {retries[over[0]]} times "
                              f"(runtime.max_client_retries={rt.max_client_retries}): {exc}")
-                    else:
-                        queue.appendleft(cid)
+                    queue.extendleft(reversed([cid for cid in cids if cid not in over]))
                     replace(i)
                 except ray.exceptions.RayTaskError as exc:
+                    cid = getattr(getattr(exc, "cause", None), "fedplatform_client", cids[0])
                     trace = ANSI.sub("", str(exc)).strip()
-                    _discard(update_ref)
+                    for update_ref in update_refs:
+                        _discard(update_ref)
                     fail(cid, "raised", f"Traceback from its actor:\n{trace}",
                          f"client {cid} failed in round {round}. Traceback from its actor:\n{trace}")
                 else:
-                    self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
-                    done[cid] = status
-                    self.server.accumulate(cid, [update_ref])  # streamed to the server now
-                    durations.append(status["compute_s"])
+                    for cid, status, update_ref in zip(cids, statuses, update_refs):
+                        self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
+                        done[cid] = status
+                        self.server.accumulate(cid, [update_ref])  # streamed to the server now
+                        durations.append(status["compute_s"])
             if rt.client_timeout_s is not None:
                 now = time.perf_counter()
                 for i, lane in enumerate(lanes):
                     if lane and now - lane[0][3] >= rt.client_timeout_s:
-                        cid = lane.popleft()[1]
+                        cid = lane.popleft()[1][0]  # with a client_timeout_s every task runs one client
                         fail(cid, "timed out", f"still running after runtime.client_timeout_s="
                              f"{rt.client_timeout_s:g} s; its actor was replaced",
                              f"client {cid} in round {round} exceeded runtime.client_timeout_s="
@@ -362,6 +397,7 @@ class Engine:
             row.update({k: v for k, v in server["metrics"].items() if k != "per_class_accuracy"})
             row["per_class_accuracy"] = server["metrics"].get("per_class_accuracy")
         statuses = [done[c] for c in sorted(done)]
+        self.update_bytes = max((s["bytes_up"] for s in statuses), default=None)
         losses = [s["metrics"]["train_loss"] for s in statuses if "train_loss" in s["metrics"]]
         if losses:
             row["train_loss"] = statistics.fmean(losses)
