@@ -94,6 +94,10 @@ def ensure_ray(address: str | None = None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     except ConnectionError as exc:
+        if "InvalidAuthToken" in str(exc.__cause__):  # Ray retried for 20 s first
+            raise UserError(f"--ray-address {address}: the Ray cluster there asks for an authentication token and "
+                            "this process sent none; set RAY_AUTH_MODE=token, with the cluster's token in "
+                            "~/.ray/auth_token or $RAY_AUTH_TOKEN") from None
         raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc})") from None
 
 

@@ -393,3 +393,20 @@ def test_an_unwritable_folder_is_said_before_anything_starts(finished, tmp_path,
     [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert message in error and str(read_only) in error
     assert tree(finished, tmp_path) == before
+
+
+def test_a_cluster_that_asks_for_a_token_is_said_and_nothing_is_created(finished):
+    """The session's Ray uses token authentication (Ray's default for a local cluster); a process
+    pointed at it by address without RAY_AUTH_MODE=token is refused by it. Ray retries for 20 s."""
+    import ray
+
+    before = tree(finished)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-m", "fedplatform.cli", "run", Q, "--ray-address",
+                          ray.get_runtime_context().gcs_address], cwd=finished, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "asks for an authentication token" in errors[0], out.stderr
+    assert "set RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in out.stderr
+    assert tree(finished) == before
