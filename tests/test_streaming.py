@@ -96,20 +96,23 @@ def expected_state(cfg):
 
 
 # All at once, 64 updates would add 60 x 20 MB. Streaming holds at most the updates that arrive ahead of
-# their turn: two per actor (each actor holds its next client), plus the one being folded (and the sum).
-BOUND_MB = (2 * 2 + 2) * UPDATE_MB
+# their turn: two per actor (each actor holds its next client), plus the one being folded (and the sum),
+# and two of the allocator's slack: glibc keeps freed blocks this size for reuse, so the 64-client
+# round's growth measures 61 or 121 MB in a server actor and 0 to 140 MB in the driver.
+BOUND_MB = (2 * 2 + 2 + 2) * UPDATE_MB
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_server_memory_does_not_grow_with_clients_per_round_and_weights_equal_all_at_once(tmp_path):
-    """A server actor: its process holds nothing else, so its peak is compared across two runs."""
+    """A server actor, in a process of its own. What the round added to it is compared across two
+    runs, not the process's peak: Ray may start an actor in an idle worker that already ran other
+    tasks of the session (other tests'), whose heap is bigger from the start."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     few = run_experiment(make_cfg(tmp_path, 4, "actor"), tracking_uri=uri, progress=False)
     many_cfg = make_cfg(tmp_path, 64, "actor")
     many = run_experiment(many_cfg, tracking_uri=uri, progress=False)
-    growth = many.history[0]["memory/server_peak_private_mb"] - few.history[0]["memory/server_peak_private_mb"]
-    assert growth < BOUND_MB, growth
-    assert many.history[0]["memory/server_round_growth_mb"] < BOUND_MB
+    added = [run.history[0]["memory/server_round_growth_mb"] for run in (few, many)]
+    assert added[1] < BOUND_MB and added[1] - added[0] < BOUND_MB, added
     _, state = load(many.run_dir)
     expected = expected_state(many_cfg)
     assert state.keys() == expected.keys()
