@@ -392,11 +392,19 @@ class _LogFormatter(logging.Formatter):
 
 
 def _setup_logging(debug: bool) -> None:
+    """The command's own lines at INFO; MLflow's (database set-up, model validation) only from
+    WARNING and without its artifact progress bars, and no notice from Ray that a local Ray uses
+    token authentication, its default; all of them with --debug."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter())
     root = logging.getLogger("fedplatform")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # Ray's notice that a new local Ray uses its default, token authentication (kept as is)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 MAX_ERROR_CHARS = 2000
