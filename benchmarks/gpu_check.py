@@ -11,6 +11,8 @@
 (d) pipelines/clip2fl_cifar10_lt.yaml (ViT-B-32 untrained) for a few rounds on Ray (the server at
     0.2 GPU, 4 client actors sharing the rest; `--client-actors 4 8` times each count in turn),
     extrapolated to its 200 rounds. It reuses (c)'s cache.
+(e) the server's feature matching and classifier re-training (launch-bound small steps) timed on
+    the GPU and on the CPU, at the reference sizes (run before (d), being short).
 Then one table, and one JSON (benchmarks/results/gpu_check.json) rewritten after every part, so a
 run cut short (gpu_check.sh stops it with SIGINT at its time limit) keeps what it measured.
 
@@ -153,6 +155,42 @@ def reference_schedule(root: str, work: Path, rounds: int, client_actors: int):
                  ("", f"{full} rounds, EXTRAPOLATED", f"~{out['extrapolated_full_s'] / 60:.0f} min (not measured)")]
 
 
+def server_steps(devices=("cuda", "cpu"), match_epoch: int = 100, crt_epoch: int = 300):
+    """(e) the server's two loops of small steps, at the reference schedule's sizes (10 classes x 100
+    federated features of 512 dims, batch 32), timed on each device: feature matching (GML only, no
+    PCL: `match_epoch` full-batch steps) and classifier re-training (`crt_epoch` epochs, 9,600 steps
+    at 300). On a GPU both are launch-bound; this says whether the CPU does them faster."""
+    from fedplatform.algorithms.creff import device_clock
+    from fedplatform.algorithms.federated_features import (feature_labels, fresh_classifier, init_features,
+                                                           retrain_classifier, update_features)
+
+    classes, per_class, dim, batch = 10, 100, 512, 32
+    out, rows = {}, []
+    for name in devices:
+        device = torch.device(name)
+        g = torch.Generator().manual_seed(0)
+        features = init_features(classes, per_class, dim, g).to(device)
+        w0, b0 = fresh_classifier(dim, classes, 1)
+        w0, b0 = w0.to(device), b0.to(device)
+        real = {c: (torch.randn(classes, dim, generator=g).to(device) * 1e-3, torch.randn(classes, generator=g).to(device) * 1e-3)
+                for c in range(classes)}
+        labels = feature_labels(classes, per_class, device)
+        update_features(features, w0, b0, real, 2, 0.1)  # warm-up: kernels loaded, allocator primed
+        t0 = device_clock(device)
+        matched, _ = update_features(features, w0, b0, real, match_epoch, 0.1)
+        t1 = device_clock(device)
+        retrain_classifier(matched, labels, w0, b0, crt_epoch, 0.01, batch,
+                           torch.Generator(device=device).manual_seed(2))
+        t2 = device_clock(device)
+        steps = crt_epoch * -(-classes * per_class // batch)
+        out[name] = {"match_s": t1 - t0, "match_steps": match_epoch, "retrain_s": t2 - t1, "retrain_steps": steps,
+                     "retrain_us_per_step": (t2 - t1) / steps * 1e6, "torch_threads": torch.get_num_threads()}
+        rows.append(("(e) server steps" if not rows else "", f"on {name}",
+                     f"matching {match_epoch} steps {t1 - t0:.2f} s; re-training {steps:,} steps {t2 - t1:.2f} s "
+                     f"({out[name]['retrain_us_per_step']:.0f} us/step)"))
+    return out, rows
+
+
 def print_table(rows: list[tuple[str, str, str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for part, setting, result in rows:
@@ -186,6 +224,7 @@ def main() -> int:
     parts = [("a", "(a) pytest -m gpu", lambda: gpu_tests(work, args.tests_timeout)),
              ("b", "(b) CLIP2FL round", lambda: clip2fl_rounds(root, args.local_epochs, args.clients, args.steps)),
              ("c", "(c) feature-cache build", lambda: feature_cache(root)),
+             ("e", "(e) server steps", server_steps),
              *[("d" if i == 0 else f"d_{n}_actors", "(d) CLIP2FL reference schedule",
                 lambda n=n: reference_schedule(root, work, args.rounds, n)) for i, n in enumerate(args.client_actors)]]
     done = 0

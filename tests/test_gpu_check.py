@@ -36,3 +36,14 @@ def test_gpu_check_refuses_to_run_without_cuda_in_one_line(command):
     assert proc.stdout == ""
     [line] = proc.stderr.splitlines()
     assert "CUDA is required" in line
+
+
+def test_the_server_steps_part_times_both_loops_on_the_cpu():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    out, rows = gpu_check.server_steps(devices=("cpu",), match_epoch=2, crt_epoch=2)
+    cpu = out["cpu"]
+    assert cpu["match_steps"] == 2 and cpu["retrain_steps"] == 2 * 32  # 1,000 features in batches of 32
+    assert cpu["match_s"] > 0 and cpu["retrain_s"] > 0
+    assert [(part, setting) for part, setting, _ in rows] == [("(e) server steps", "on cpu")]
