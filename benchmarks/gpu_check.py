@@ -172,7 +172,8 @@ def server_steps(devices=("cuda", "cpu"), match_epoch: int = 100, crt_epoch: int
         features = init_features(classes, per_class, dim, g).to(device)
         w0, b0 = fresh_classifier(dim, classes, 1)
         w0, b0 = w0.to(device), b0.to(device)
-        real = {c: (torch.randn(classes, dim, generator=g).to(device) * 1e-3, torch.randn(classes, generator=g).to(device) * 1e-3)
+        # the clients' class gradients (update_features moves them to the features' device)
+        real = {c: (torch.randn(classes, dim, generator=g) * 1e-3, torch.randn(classes, generator=g) * 1e-3)
                 for c in range(classes)}
         labels = feature_labels(classes, per_class, device)
         update_features(features, w0, b0, real, 2, 0.1)  # warm-up: kernels loaded, allocator primed

@@ -375,7 +375,8 @@ class Engine:
                          f"client {cid} failed in round {round}. Traceback from its actor:\n{trace}")
                 else:
                     for cid, status, update_ref in zip(cids, statuses, update_refs):
-                        self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])  # before it is folded in
+                        # checked before it is folded in
+                        self._check_finite(round, [(f"client {cid}", status.get("nonfinite"))])
                         done[cid] = status
                         self.server.accumulate(cid, [update_ref])  # streamed to the server now
                         durations.append(status["compute_s"])
