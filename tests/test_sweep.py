@@ -111,6 +111,29 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
     assert not any("error" in k.data.tags for k in kids)
 
 
+def test_a_trial_in_the_process_of_an_earlier_trial_gives_the_numbers_of_a_fresh_run(tmp_path):
+    """Tune hands a trial the process of one that ended (reuse_actors): nothing the first run left
+    in that process (torch's generators, caches, module state) may change the second's numbers."""
+    from fedplatform.config import load_config
+    from fedplatform.experiment import run_experiment
+
+    from quickstart_helpers import weights_digest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(write_space(tmp_path, space={"algorithm.lr": {"grid": [0.05]}}, seeds=[1, 2],
+                                   scheduler={"name": "fifo"}, max_concurrent_trials=1), tracking_uri=uri)
+    pids = {int(json.loads(line)["pid"]) for f in Path(result.path, "tune").glob("*/result.json")
+            for line in f.read_text().splitlines()}
+    assert len(pids) == 1  # both trials ran in one process: the second reused the first's
+    second = next(r for r in result.rows if r["seed"] == 2)
+    [trial_dir] = (tmp_path / "runs").glob(f"*/{second['mlflow_run_id']}")
+    cfg = load_config(QUICKSTART, ["rounds=3", "algorithm.local_epochs=1", "runtime.num_client_actors=1",
+                                   f"runtime.storage={tmp_path / 'fresh'}", "algorithm.lr=0.05", "seed=2"])
+    fresh = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'fresh.db'}", progress=False)
+    assert weights_digest(str(trial_dir)) == weights_digest(fresh.run_dir)
+    assert second["accuracy"] == fresh.history[-1]["accuracy"]
+
+
 def test_space_key_that_is_not_a_config_key_is_one_clear_error(tmp_path):
     path = write_space(tmp_path, space={"algorithm.learning_rate": {"choice": [0.1]}})
     with pytest.raises(ConfigError, match=r"space key 'algorithm.learning_rate'.*unknown key"):
