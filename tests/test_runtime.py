@@ -104,6 +104,44 @@ def test_server_in_the_driver_and_in_an_actor_give_bit_identical_weights(work, b
     assert [h["accuracy"] for h in actor.history] == [h["accuracy"] for h in baseline.history]
 
 
+def test_in_a_placement_group_the_next_run_takes_the_idle_actors_and_keeps_its_numbers(work, baseline):
+    """In a placement group (a Tune trial) a run leaves its idle actors to the next run in its
+    process, which sets them up again; an actor of another shape is killed. The reused actors must
+    not change the numbers: the second run equals the baseline run on fresh actors."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    tmp, uri = work
+
+    @ray.remote(num_cpus=0)
+    def runs(*cfgs):
+        from fedplatform.runtime import engine
+
+        idle, results = [], []
+        for cfg in cfgs:
+            results.append(run_experiment(cfg, tracking_uri=uri, progress=False))
+            idle.append({k[0] is engine.ServerActor and "server" or "client": a._actor_id.hex()
+                         for k, a in engine._IDLE.items()})
+        return idle, results[1]
+
+    actor_server = {"runtime.server_process": "actor"}
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])  # the server's bundle, then the client actor's
+    try:
+        ray.get(pg.ready(), timeout=60)
+        idle, second = ray.get(runs.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True)).remote(
+                make_cfg(tmp, seed=4, rounds=2, **actor_server), make_cfg(tmp, **actor_server),
+                make_cfg(tmp, rounds=1, **{"runtime.client_resources": {"num_cpus": 0.5}})))
+    finally:
+        remove_placement_group(pg)
+    assert idle[0].keys() == {"server", "client"}
+    assert idle[1] == idle[0]  # the second run ran on the first run's two actors
+    assert idle[2]["client"] != idle[0]["client"] and "server" not in idle[2]  # another shape; server in the driver
+    assert_same_state(final_state(baseline), final_state(second))
+    assert [h["accuracy"] for h in second.history] == [h["accuracy"] for h in baseline.history]
+
+
 def test_a_server_in_the_driver_leaves_the_callers_torch_threads_as_they_were(work):
     tmp, uri = work
     before = torch.get_num_threads()

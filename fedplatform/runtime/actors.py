@@ -8,6 +8,7 @@ seeded by (seed, round, client id): the result does not depend on which actor ru
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -129,6 +130,16 @@ class _Worker:
                       image_shape=self.ds.image_shape, norm_mean=self.ds.norm_mean, norm_std=self.ds.norm_std,
                       train_class_counts=self.ds.train_class_counts, device=self.device, dataset=self.ds)
         self.algo = get_algorithm(self.cfg.algorithm.name)(ctx)
+
+    def restart(self, *args) -> dict:
+        """Set up for a new run, as the constructor does (an idle actor a finished run left, taken by
+        the next: `engine._IDLE`), after letting go of everything the last run held; then `ready`."""
+        vars(self).clear()
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the new run's model may have other sizes: no fragments kept
+        self.__init__(*args)
+        return self.ready()
 
     def ready(self) -> dict:
         cap = None

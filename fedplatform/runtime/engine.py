@@ -115,22 +115,54 @@ def summarize(history: list[dict]) -> dict:
     return out
 
 
+_IDLE: dict[tuple, object] = {}
+"""Actors a run in a placement group (a Tune trial) left idle, by (class, resources, bundle, group):
+the next run in this process (Tune's next trial in a reused trial process) takes those it can use
+and kills the others. Outside a placement group a run kills its actors; inside one, the group holds
+their resources either way, and ends them when its trial process ends."""
+
+
+def _start(cls, index: int, res, args: tuple) -> tuple:
+    """An actor of `cls` for placement-group bundle `index` (when in a group) and the reference its
+    readiness comes back on: an idle actor of the same shape, set up again for `args`, if this
+    process's last run left one; else a new actor."""
+    pg = ray.util.get_current_placement_group()
+    key = (cls, res.num_cpus, res.num_gpus, index, pg and pg.id.hex())
+    actor = _IDLE.pop(key, None) if pg is not None else None
+    if actor is not None:
+        return key, actor, actor.restart.remote(*args)
+    actor = cls.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **_in_bundle(index)).remote(*args)
+    return key, actor, actor.ready.remote()
+
+
+def _stop(key: tuple, actor, keep: bool) -> None:
+    """Kill the actor, or with `keep` (an idle actor in a placement group) leave it for the next run."""
+    if keep and key[-1] is not None:
+        _IDLE[key] = actor
+    else:
+        ray.kill(actor, no_restart=True)
+
+
+def _kill_idle() -> None:
+    """What the last run left idle and this one did not take: their bundles are this run's."""
+    while _IDLE:
+        ray.kill(_IDLE.popitem()[1], no_restart=True)
+
+
 class _Pool:
     """Client actors; a dead one is replaced in place. Created without waiting (see `wait_ready`)."""
 
     def __init__(self, n: int, args: tuple, res):
         self.args, self.res = args, res
-        self.actors = [self._new(i) for i in range(n)]
+        self.keys, self.actors, self.starting = map(list, zip(*(self._new(i) for i in range(n))))
 
-    def _new(self, i: int):
-        return ClientActor.options(num_cpus=self.res.num_cpus, num_gpus=self.res.num_gpus,
-                                   **_in_bundle(i + 1)).remote(*self.args)
+    def _new(self, i: int) -> tuple:
+        return _start(ClientActor, i + 1, self.res, self.args)
 
     @staticmethod
-    def wait_ready(actors) -> list[dict]:
-        """Wait until every actor is up. All are read, so an error shared by several (a bad device)
-        is reported once: the first actor's own one line, not Ray's dump."""
-        refs = [a.ready.remote() for a in actors]
+    def wait_ready(refs: list) -> list[dict]:
+        """Wait until every actor is up (`refs`: their readiness). All are read, so an error shared
+        by several (a bad device) is reported once: the first actor's own one line, not Ray's dump."""
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
         if pending:
             raise UserError(
@@ -152,12 +184,12 @@ class _Pool:
 
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._new(i)
-        self.wait_ready([self.actors[i]])
+        self.keys[i], self.actors[i], ready = self._new(i)
+        self.wait_ready([ready])
 
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
+    def shutdown(self, keep: bool) -> None:
+        for key, actor in zip(self.keys, self.actors):
+            _stop(key, actor, keep)
 
 
 def _in_bundle(index: int) -> dict:
@@ -178,8 +210,8 @@ class _ActorServer:
     where = "actor"
 
     def __init__(self, args: tuple, res):
-        self.actor = ServerActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **_in_bundle(0)).remote(*args)
-        self.actors, self.folds = [self.actor], []
+        self.key, self.actor, ready = _start(ServerActor, 0, res, args)
+        self.starting, self.folds = [ready], []
 
     def start(self) -> None:
         pass
@@ -199,8 +231,8 @@ class _ActorServer:
         ref = self.actor.get_state.remote()  # queued before the next round's calls
         return lambda: ray.get(ref)
 
-    def shutdown(self) -> None:
-        ray.kill(self.actor, no_restart=True)
+    def shutdown(self, keep: bool) -> None:
+        _stop(self.key, self.actor, keep)
 
 
 class _DriverServer:
@@ -209,7 +241,7 @@ class _DriverServer:
     thread count as a server actor does (server_resources.num_cpus); `shutdown` gives this
     process (a notebook, say) its own back."""
 
-    where, actors = "driver", ()
+    where, starting = "driver", ()
 
     def __init__(self, args: tuple, res):
         self.args, self.server, self.threads = args, None, torch.get_num_threads()
@@ -230,7 +262,7 @@ class _DriverServer:
         state = {k: v.clone() for k, v in self.server.get_state().items()}  # later rounds may update in place
         return lambda: state
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool) -> None:
         self.server = None
         torch.set_num_threads(self.threads)
 
@@ -273,6 +305,9 @@ class Engine:
                             rt.server_resources)
         self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                           rt.client_resources)
+        _kill_idle()
+        self.idle = False
+        """No round is running and every actor is up: the actors can serve another run (`shutdown`)."""
         self._requested = requested
         self.update_bytes: int | None = None
         """The last round's largest client update, in bytes (it decides `client_batch`)."""
@@ -282,7 +317,8 @@ class Engine:
     def wait_ready(self) -> None:
         try:
             self.server.start()
-            _Pool.wait_ready([*self.server.actors, *self.pool.actors])
+            _Pool.wait_ready([*self.server.starting, *self.pool.starting])
+            self.idle = True
         except BaseException:
             self.shutdown()
             raise
@@ -293,6 +329,7 @@ class Engine:
 
     def run_round(self, round: int, clients: list[int], evaluate: bool) -> dict:
         rt, start = self.cfg.runtime, time.perf_counter()
+        self.idle = False
         deadline = start + rt.round_timeout_s
         payload = self.server.begin_round(round, clients)  # one object-store copy shared by every client
         # Dispatched in client-id order, the order the server folds updates in: few wait for their turn.
@@ -416,6 +453,7 @@ class Engine:
             "memory/server_peak_private_mb": server["peak_private_mb"],
             "memory/server_round_growth_mb": server["round_growth_mb"],
         })
+        self.idle = True
         return row
 
     def _check_finite(self, round: int, found: list[tuple[str, str | None]]) -> None:
@@ -433,6 +471,7 @@ class Engine:
         return self.server.snapshot()
 
     def shutdown(self) -> None:
+        """Kill the actors; in a placement group, idle ones are left for the next run (`_IDLE`)."""
         self.data.stop_file_server()
-        self.pool.shutdown()
-        self.server.shutdown()
+        self.pool.shutdown(self.idle)
+        self.server.shutdown(self.idle)
