@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -117,6 +118,9 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         return placement_group_factory(trial_bundles(validate(raw), cluster))
 
     trainable = tune.with_resources(trainable, resources)
+    # num_to_keep (below) makes Tune save its state whenever a trial checkpointed twice since the
+    # last save, and warn when that happens often: it does with short rounds, by design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         if resume:
             tuner = tune.Tuner.restore(storage.join(sweep_dir, "tune"), trainable=trainable, resume_errored=True)

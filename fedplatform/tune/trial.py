@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -80,6 +81,8 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     from fedplatform.experiment import run_experiment
     from fedplatform.runtime.checkpoint import load
 
+    # Tune logs each checkpoint it takes (one per round) at INFO, which reaches the sweep's terminal
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_id = tune.get_context().get_trial_id()
     raw = copy.deepcopy(base)
     for key in keys:
