@@ -8,6 +8,8 @@ The public Python API (what the `fedplatform` command runs; each import is defer
     model = fedplatform.load_model(result.run_id)  # torch module: uint8 images [N, H, W, C] -> logits
     fedplatform.describe(cfg)                      # class counts and every client's histogram
     fedplatform.sweep("tune_spaces/quickstart_sweep.yaml")
+    with fedplatform.reuse_actors():               # many runs in one process: each takes the last one's actors
+        results = [fedplatform.run(cfg, ...) for cfg in cfgs]
 
 Plug-in algorithms and models: `register_algorithm`, `register_model` (see `fedplatform.plugins`).
 """
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
     from fedplatform.tracking.mlflow_model import Predictor
     from fedplatform.tune.summary import SweepResult
 
-__all__ = ["__version__", "describe", "load_config", "load_model", "register_algorithm", "register_model", "run",
-           "sweep"]
+__all__ = ["__version__", "describe", "load_config", "load_model", "register_algorithm", "register_model",
+           "reuse_actors", "run", "sweep"]
 
 
 def load_config(config: str | Path | dict | ExperimentConfig, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -54,6 +56,16 @@ def run(config: str | Path | dict | ExperimentConfig, *, tracking_uri: str | Non
 
     return run_experiment(load_config(config), tracking_uri=tracking_uri, resume=resume, ray_address=ray_address,
                           progress=progress)
+
+
+def reuse_actors():
+    """A context manager for many runs in one process: each run inside it leaves its idle server
+    and client actors to the next, which sets them up again for its own config instead of starting
+    new Ray workers that import torch (the same numbers; a sweep's trials do this by themselves).
+    The actors keep their CPUs and GPUs while the block lasts and are killed when it ends."""
+    from fedplatform.runtime.engine import reuse_actors
+
+    return reuse_actors()
 
 
 def sweep(space: str | Path, overrides: Iterable[str] = (), *, tracking_uri: str | None = None,

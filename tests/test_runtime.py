@@ -142,6 +142,28 @@ def test_in_a_placement_group_the_next_run_takes_the_idle_actors_and_keeps_its_n
     assert [h["accuracy"] for h in second.history] == [h["accuracy"] for h in baseline.history]
 
 
+def test_inside_reuse_actors_a_run_takes_the_last_runs_actors_and_they_die_when_the_block_ends(work, baseline):
+    import ray
+
+    import fedplatform
+    from fedplatform.runtime import engine
+
+    tmp, uri = work
+    actor_server = {"runtime.server_process": "actor"}
+    assert not engine._IDLE  # runs outside a block (the baseline's) leave no actor behind
+    with fedplatform.reuse_actors():
+        run_experiment(make_cfg(tmp, seed=4, rounds=2, **actor_server), tracking_uri=uri, progress=False)
+        first = {k: a._actor_id for k, a in engine._IDLE.items()}
+        second = run_experiment(make_cfg(tmp, **actor_server), tracking_uri=uri, progress=False)
+        assert len(first) == 2 and {k: a._actor_id for k, a in engine._IDLE.items()} == first
+        actors = list(engine._IDLE.values())
+    assert not engine._IDLE
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=60)
+    assert_same_state(final_state(baseline), final_state(second))
+
+
 def test_a_server_in_the_driver_leaves_the_callers_torch_threads_as_they_were(work):
     tmp, uri = work
     before = torch.get_num_threads()

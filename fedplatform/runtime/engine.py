@@ -14,6 +14,7 @@ round needs runtime.min_clients replies.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import re
 import statistics
@@ -116,10 +117,27 @@ def summarize(history: list[dict]) -> dict:
 
 
 _IDLE: dict[tuple, object] = {}
-"""Actors a run in a placement group (a Tune trial) left idle, by (class, resources, bundle, group):
-the next run in this process (Tune's next trial in a reused trial process) takes those it can use
-and kills the others. Outside a placement group a run kills its actors; inside one, the group holds
-their resources either way, and ends them when its trial process ends."""
+"""Actors a run left idle, by (class, resources, bundle, placement group): the next run in this
+process takes those of its shape and kills the others. A run leaves them only in a placement group
+(a Tune trial: the group holds their resources either way and ends them with its trial process;
+Tune's next trial in a reused trial process takes them) or inside `reuse_actors`; otherwise it
+kills its actors."""
+_REUSING = 0
+"""How many `reuse_actors` blocks are open in this process."""
+
+
+@contextlib.contextmanager
+def reuse_actors():
+    """Runs inside the block leave their idle actors to the next run, as sweep trials do; the actors
+    keep their resources until the block ends, then are killed."""
+    global _REUSING
+    _REUSING += 1
+    try:
+        yield
+    finally:
+        _REUSING -= 1
+        if not _REUSING and ray.is_initialized():
+            _kill_idle()
 
 
 def _start(cls, index: int, res, args: tuple) -> tuple:
@@ -128,23 +146,24 @@ def _start(cls, index: int, res, args: tuple) -> tuple:
     process's last run left one; else a new actor."""
     pg = ray.util.get_current_placement_group()
     key = (cls, res.num_cpus, res.num_gpus, index, pg and pg.id.hex())
-    actor = _IDLE.pop(key, None) if pg is not None else None
+    actor = _IDLE.pop(key, None)
     if actor is not None:
         return key, actor, actor.restart.remote(*args)
     actor = cls.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **_in_bundle(index)).remote(*args)
     return key, actor, actor.ready.remote()
 
 
-def _stop(key: tuple, actor, keep: bool) -> None:
-    """Kill the actor, or with `keep` (an idle actor in a placement group) leave it for the next run."""
-    if keep and key[-1] is not None:
+def _stop(key: tuple, actor, idle: bool) -> None:
+    """Kill the actor, or leave it for the next run when it is `idle` and in a placement group or
+    a `reuse_actors` block."""
+    if idle and (key[-1] is not None or _REUSING):
         _IDLE[key] = actor
     else:
         ray.kill(actor, no_restart=True)
 
 
 def _kill_idle() -> None:
-    """What the last run left idle and this one did not take: their bundles are this run's."""
+    """What the last run left idle and this one did not take: their resources are this run's."""
     while _IDLE:
         ray.kill(_IDLE.popitem()[1], no_restart=True)
 
@@ -187,9 +206,9 @@ class _Pool:
         self.keys[i], self.actors[i], ready = self._new(i)
         self.wait_ready([ready])
 
-    def shutdown(self, keep: bool) -> None:
+    def shutdown(self, idle: bool) -> None:
         for key, actor in zip(self.keys, self.actors):
-            _stop(key, actor, keep)
+            _stop(key, actor, idle)
 
 
 def _in_bundle(index: int) -> dict:
@@ -231,8 +250,8 @@ class _ActorServer:
         ref = self.actor.get_state.remote()  # queued before the next round's calls
         return lambda: ray.get(ref)
 
-    def shutdown(self, keep: bool) -> None:
-        _stop(self.key, self.actor, keep)
+    def shutdown(self, idle: bool) -> None:
+        _stop(self.key, self.actor, idle)
 
 
 class _DriverServer:
@@ -262,7 +281,7 @@ class _DriverServer:
         state = {k: v.clone() for k, v in self.server.get_state().items()}  # later rounds may update in place
         return lambda: state
 
-    def shutdown(self, keep: bool) -> None:
+    def shutdown(self, idle: bool) -> None:
         self.server = None
         torch.set_num_threads(self.threads)
 
@@ -471,7 +490,7 @@ class Engine:
         return self.server.snapshot()
 
     def shutdown(self) -> None:
-        """Kill the actors; in a placement group, idle ones are left for the next run (`_IDLE`)."""
+        """Kill the actors, or leave them idle for the next run (see `_IDLE`)."""
         self.data.stop_file_server()
         self.pool.shutdown(self.idle)
         self.server.shutdown(self.idle)
