@@ -164,6 +164,20 @@ def test_inside_reuse_actors_a_run_takes_the_last_runs_actors_and_they_die_when_
     assert_same_state(final_state(baseline), final_state(second))
 
 
+def test_a_bad_input_met_by_a_reused_actor_is_the_same_one_line_error(work):
+    import fedplatform
+
+    tmp, uri = work
+    actor_server = {"runtime.server_process": "actor"}
+    with fedplatform.reuse_actors():
+        run_experiment(make_cfg(tmp, rounds=1, **actor_server), tracking_uri=uri, progress=False)
+        with pytest.raises(UserError) as reused:  # the server actor's restart finds no CUDA device
+            run_experiment(make_cfg(tmp, rounds=1, **{**actor_server, "runtime.device": "cuda"}), tracking_uri=uri,
+                           progress=False)
+    assert str(reused.value).startswith("runtime.device=cuda with num_gpus=0 but this Ray worker sees no CUDA")
+    assert "\n" not in str(reused.value)
+
+
 def test_a_server_in_the_driver_leaves_the_callers_torch_threads_as_they_were(work):
     tmp, uri = work
     before = torch.get_num_threads()

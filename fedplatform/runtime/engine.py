@@ -192,7 +192,7 @@ class _Pool:
         for ref in refs:
             try:
                 results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # constructor; `restart`
                 errors.append(exc)
         if errors:
             found = re.findall(r"UserError: (.+)", ANSI.sub("", str(errors[0])))
