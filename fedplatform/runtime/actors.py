@@ -2,7 +2,8 @@
 Ray actor (`ServerActor`) or as an object in the driver's process (runtime.server_process).
 
 Both open the prepared dataset once (memory-mapped, zero-copy) and build the algorithm once, so
-models stay on their device between rounds. A client's randomness comes only from a generator
+models stay on their device between rounds; an idle actor can then serve the next run (`restart`:
+sweep trials, `fedplatform.reuse_actors`). A client's randomness comes only from a generator
 seeded by (seed, round, client id): the result does not depend on which actor runs it.
 """
 from __future__ import annotations
