@@ -164,6 +164,24 @@ def test_inside_reuse_actors_a_run_takes_the_last_runs_actors_and_they_die_when_
     assert_same_state(final_state(baseline), final_state(second))
 
 
+def test_an_idle_actor_that_died_before_the_next_run_is_replaced_by_a_new_one(work, baseline):
+    import ray
+
+    import fedplatform
+    from fedplatform.runtime import engine
+
+    tmp, uri = work
+    with fedplatform.reuse_actors():
+        run_experiment(make_cfg(tmp, seed=4, rounds=1), tracking_uri=uri, progress=False)
+        [(key, dead)] = engine._IDLE.items()
+        ray.kill(dead, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(dead.ready.remote(), timeout=60)
+        result = run_experiment(make_cfg(tmp), tracking_uri=uri, progress=False)
+        assert engine._IDLE[key]._actor_id != dead._actor_id
+    assert_same_state(final_state(baseline), final_state(result))
+
+
 def test_a_bad_input_met_by_a_reused_actor_is_the_same_one_line_error(work):
     import fedplatform
 

@@ -318,13 +318,19 @@ class Engine:
             n = client_pool_size(num_actors, rt.client_resources, rt.server_resources, cfg.clients_per_round, cluster)
             requested = wait_for_resources([bundle(rt.server_resources)] + [bundle(rt.client_resources)] * n, cluster,
                                rt.wait_for_resources_s, f"the server and {n} client actor{'s' * (n > 1)}")
-        # Server and clients start together; their start-up overlaps.
         where = _DriverServer if server_in_driver(rt, cluster) else _ActorServer
-        self.server = where((*args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state),
-                            rt.server_resources)
-        self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
-                          rt.client_resources)
-        _kill_idle()
+
+        def launch() -> None:
+            """Server and clients start together (their start-ups overlap), on idle actors where
+            the last run left some (see `_IDLE`)."""
+            self.server = where((*args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state),
+                                rt.server_resources)
+            self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
+                              rt.client_resources)
+            _kill_idle()
+
+        self._launch, self._reused = launch, bool(_IDLE)
+        launch()
         self.idle = False
         """No round is running and every actor is up: the actors can serve another run (`shutdown`)."""
         self._requested = requested
@@ -335,8 +341,19 @@ class Engine:
 
     def wait_ready(self) -> None:
         try:
-            self.server.start()
-            _Pool.wait_ready([*self.server.starting, *self.pool.starting])
+            while True:
+                self.server.start()
+                try:
+                    _Pool.wait_ready([*self.server.starting, *self.pool.starting])
+                    break
+                except ray.exceptions.RayActorError:
+                    if not self._reused:
+                        raise
+                # an idle actor the last run left has died since: this run starts on new actors
+                self._reused = False
+                self.pool.shutdown(idle=False)
+                self.server.shutdown(idle=False)
+                self._launch()
             self.idle = True
         except BaseException:
             self.shutdown()
