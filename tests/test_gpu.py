@@ -64,3 +64,18 @@ def test_one_and_two_gpu_client_actors_give_bit_identical_weights(tmp_path):
     two = run_experiment(gpu_cfg(tmp_path, 0.5, 2), tracking_uri=uri, progress=False)
     assert_same_state(final_state(one), final_state(two))
     assert [h["accuracy"] for h in one.history] == [h["accuracy"] for h in two.history]
+
+
+def test_gpu_client_actors_reused_by_the_next_run_give_the_weights_of_new_ones(tmp_path):
+    import fedplatform
+    from fedplatform.runtime import engine
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fresh = run_experiment(gpu_cfg(tmp_path, 0.5, 2), tracking_uri=uri, progress=False)
+    with fedplatform.reuse_actors():
+        run_experiment(gpu_cfg(tmp_path, 0.5, 2, seed=4), tracking_uri=uri, progress=False)
+        first = {k: a._actor_id for k, a in engine._IDLE.items()}
+        reused = run_experiment(gpu_cfg(tmp_path, 0.5, 2), tracking_uri=uri, progress=False)
+        assert len(first) == 2 and {k: a._actor_id for k, a in engine._IDLE.items()} == first
+    assert_same_state(final_state(fresh), final_state(reused))
+    assert [h["accuracy"] for h in fresh.history] == [h["accuracy"] for h in reused.history]
