@@ -323,13 +323,15 @@ class Engine:
         def launch() -> None:
             """Server and clients start together (their start-ups overlap), on idle actors where
             the last run left some (see `_IDLE`)."""
+            idle = len(_IDLE)
             self.server = where((*args, rt.server_resources.num_cpus, rt.server_resources.num_gpus, server_state),
                                 rt.server_resources)
             self.pool = _Pool(n, (*args, rt.client_resources.num_cpus, rt.client_resources.num_gpus),
                               rt.client_resources)
+            self._reused = len(_IDLE) < idle
             _kill_idle()
 
-        self._launch, self._reused = launch, bool(_IDLE)
+        self._launch = launch
         launch()
         self.idle = False
         """No round is running and every actor is up: the actors can serve another run (`shutdown`)."""
@@ -350,7 +352,6 @@ class Engine:
                     if not self._reused:
                         raise
                 # an idle actor the last run left has died since: this run starts on new actors
-                self._reused = False
                 self.pool.shutdown(idle=False)
                 self.server.shutdown(idle=False)
                 self._launch()
