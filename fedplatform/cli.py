@@ -19,6 +19,7 @@ import traceback
 
 from fedplatform import __version__
 from fedplatform.errors import NonFinite, RunFailed, RunInterrupted, UserError
+from fedplatform.tracking import MLFLOW_QUIET
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,9 +401,11 @@ def _setup_logging(debug: bool) -> None:
     root = logging.getLogger("fedplatform")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if debug:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO")  # a sweep's trials follow it
+    else:
+        for key, value in MLFLOW_QUIET.items():
+            os.environ.setdefault(key, value)
         # Ray's notice that a new local Ray uses its default, token authentication (kept as is)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 

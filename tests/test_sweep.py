@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -113,7 +114,8 @@ def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
 
 def test_a_trial_in_the_process_of_an_earlier_trial_gives_the_numbers_of_a_fresh_run(tmp_path):
     """Tune hands a trial the process of one that ended (reuse_actors): nothing the first run left
-    in that process (torch's generators, caches, module state) may change the second's numbers."""
+    in that process (torch's generators, caches, module state) may change the second's numbers.
+    The trials' MLflow output is as quiet as the CLI's though this sweep comes from the Python API."""
     from fedplatform.config import load_config
     from fedplatform.experiment import run_experiment
 
@@ -125,6 +127,11 @@ def test_a_trial_in_the_process_of_an_earlier_trial_gives_the_numbers_of_a_fresh
     pids = {int(json.loads(line)["pid"]) for f in Path(result.path, "tune").glob("*/result.json")
             for line in f.read_text().splitlines()}
     assert len(pids) == 1  # both trials ran in one process: the second reused the first's
+    # ... whose output (Ray's worker log) has no MLflow INFO lines or progress bars, as the CLI's
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    output = "".join(f.read_text() for f in logs.glob(f"worker-*-{pids.pop()}.*"))
+    assert ":actor_name:run_trial" in output
+    assert "INFO mlflow" not in output and "Downloading artifacts" not in output
     second = next(r for r in result.rows if r["seed"] == 2)
     [trial_dir] = (tmp_path / "runs").glob(f"*/{second['mlflow_run_id']}")
     cfg = load_config(QUICKSTART, ["rounds=3", "algorithm.local_epochs=1", "runtime.num_client_actors=1",

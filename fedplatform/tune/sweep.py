@@ -23,6 +23,7 @@ from pathlib import Path
 from fedplatform import storage
 from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yaml, validate
 from fedplatform.errors import RunFailed, UserError
+from fedplatform.tracking import MLFLOW_QUIET
 from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
 from fedplatform.tune.resources import check_trial_fits, concurrent_trials, placement_group_factory, trial_bundles
 from fedplatform.tune.space import NAME_PATTERN, SweepSpec, build_base, check_space, check_trial_inputs, load_spec
@@ -108,8 +109,10 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                        "tracking_uri": uri}).encode())
 
     keys = list(spec.space) + (["seed"] if spec.seeds else [])
+    # The trials' MLflow output: quiet, unless this process set its own (the CLI's --debug does).
+    mlflow_env = {key: os.environ.get(key, value) for key, value in MLFLOW_QUIET.items()}
     trainable = tune.with_parameters(run_trial, base=base, keys=keys, tracking_uri=uri,
-                                     parent_run_id=parent_run_id, sweep=name)
+                                     parent_run_id=parent_run_id, sweep=name, env=mlflow_env)
 
     def resources(config: dict):
         raw = copy.deepcopy(base)

@@ -74,8 +74,10 @@ def _tune_checkpoint(run_dir: str):
 
 
 def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, parent_run_id: str,
-              sweep: str) -> None:
-    """Tune function trainable: one experiment; one report (with checkpoint) per round."""
+              sweep: str, env: dict[str, str]) -> None:
+    """Tune function trainable: one experiment; one report (with checkpoint) per round. `env` is
+    set before the run imports anything that reads it (MLflow's logging level)."""
+    os.environ.update(env)
     from ray import tune
 
     from fedplatform.experiment import run_experiment
