@@ -97,9 +97,10 @@ def expected_state(cfg):
 
 # All at once, 64 updates would add 60 x 20 MB. Streaming holds at most the updates that arrive ahead of
 # their turn: two per actor (each actor holds its next client), plus the one being folded (and the sum),
-# and two of the allocator's slack: glibc keeps freed blocks this size for reuse, so the 64-client
-# round's growth measures 61 or 121 MB in a server actor and 0 to 140 MB in the driver.
-BOUND_MB = (2 * 2 + 2 + 2) * UPDATE_MB
+# and the allocator's slack: glibc keeps freed blocks this size for reuse, so the 64-client round's
+# growth in a server actor measures 61, 121 or 161 MB (3 to 8 blocks; 161 once in 10 runs of this
+# file after test_runtime), and 0 to 180 MB in the driver before its test fixed glibc's threshold.
+BOUND_MB = (2 * 2 + 2 + 6) * UPDATE_MB
 
 
 @pytest.mark.usefixtures("ray_session")
