@@ -4,6 +4,7 @@ nested MLflow runs, ASHA early stopping, concurrency, trial restarts from checkp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -47,31 +48,39 @@ def write_space(tmp: Path, **over) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
-    """One 3-trial sweep; a client actor of the first trial to reach round 2 dies once."""
+    """One 3-trial sweep; a client actor of the first trial to reach round 2 dies once. Also
+    returns the sweep's progress lines."""
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     marker = tmp / "killed-once"
     ray_session["fault_file"].write_text(json.dumps({"round": 2, "client": CLIENT, "action": "exit",
                                                      "marker": str(marker)}))
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    progress = logging.getLogger("fedplatform.sweep")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
     try:
         result = run_sweep(write_space(tmp), tracking_uri=uri)
     finally:
         ray_session["fault_file"].unlink(missing_ok=True)
-    return result, MlflowClient(uri), marker
+        progress.removeHandler(handler)
+    return result, MlflowClient(uri), marker, lines
 
 
 CLIENT, ROUND1_CLIENT = first_client(2), first_client(1)
 
 
 def test_sweep_completes_with_one_row_per_trial(sweep):
-    result, _, _ = sweep
+    result, _, _, _ = sweep
     assert len(result.rows) == 3
     assert all(r["status"] in ("finished", "stopped early") for r in result.rows)
     assert "algorithm.lr" in result.table() and "accuracy" in result.table()
 
 
 def test_mlflow_holds_one_parent_and_a_child_per_trial_with_per_round_metrics(sweep):
-    result, client, _ = sweep
+    result, client, _, _ = sweep
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["fedplatform.kind"] == "sweep" and parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
@@ -84,8 +93,22 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial_with_per_round_metrics(sw
         assert float(kid.data.params["algorithm.lr"]) == row["algorithm.lr"]
 
 
+def test_the_sweep_says_when_each_trial_starts_fails_and_ends(sweep):
+    result, *_, lines = sweep
+    for row in result.rows:
+        mine = [line.removeprefix(f"trial {row['trial']} (lr={row['algorithm.lr']:.4g}) ") for line in lines
+                if line.startswith(f"trial {row['trial']} ")]
+        assert mine[0].startswith("started (")
+        end = "finished" if row["status"] == "finished" else f"stopped early at round {row['rounds_run']} of 3"
+        assert mine[-1].startswith(f"{end}, accuracy {row['accuracy']:.4f} (")
+    assert lines[-1].endswith("(3 of 3 ended)")
+    # the trial whose client died: its failure, then the same trial going on
+    [failed] = [line for line in lines if "Tune restarts it" in line]
+    assert "ClientError" in failed and "in round 2" in failed
+
+
 def test_asha_stops_some_trials_early(sweep):
-    result, client, _ = sweep
+    result, client, _, _ = sweep
     stopped = [r for r in result.rows if r["status"] == "stopped early"]
     assert stopped and len(stopped) < len(result.rows)
     for r in stopped:  # a stop is not a failure, whichever of Tune's SystemExit and the summary lands last
@@ -94,13 +117,13 @@ def test_asha_stops_some_trials_early(sweep):
 
 
 def test_two_trials_run_concurrently_on_four_cpus(sweep):
-    result, client, _ = sweep
+    result, client, _, _ = sweep
     spans = sorted((k.info.start_time, k.info.end_time) for k in _child_runs(client, result.parent_run_id))
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
 def test_a_trial_whose_client_died_restarts_from_its_last_round(sweep):
-    result, client, marker = sweep
+    result, client, marker, _ = sweep
     assert marker.exists()  # an actor really died, and with max_client_retries=0 its trial failed
     # still one child run per trial, and no round logged twice (checked above): the failed trial
     # continued its own run from its checkpoint instead of starting over
@@ -248,7 +271,7 @@ def test_every_shipped_space_validates_against_its_pipeline(space):
 
 
 def test_every_trial_run_ends_finished_or_killed_and_finished_ones_keep_their_artifacts(sweep):
-    result, client, _ = sweep
+    result, client, _, _ = sweep
     for run in _child_runs(client, result.parent_run_id):
         assert run.info.status in ("FINISHED", "KILLED") and run.info.end_time is not None
         if run.info.status == "FINISHED":

@@ -48,6 +48,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
 
     from fedplatform.experiment import ensure_ray
     from fedplatform.tracking.mlflow_run import Tracker, absolute_uri, resolve_uri
+    from fedplatform.tune.progress import TrialLines, error_line
 
     space_path = Path(space_path)
     spec = load_spec(space_path)
@@ -133,6 +134,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                run_config=tune.RunConfig(
                                    name="tune", storage_path=sweep_dir, verbose=verbose,
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                   callbacks=[TrialLines(keys, cfg.rounds, spec.metric, spec.trials)],
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         grid = tuner.fit()
         interrupted = _interrupted(spec, storage.join(sweep_dir, "tune"))
@@ -149,21 +151,13 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         if failed and len(failed) == len(grid):
             which = f"all {len(grid)} trials of sweep '{name}' failed, the first" if len(grid) > 1 else \
                 f"the one trial of sweep '{name}' failed"
-            raise RunFailed(f"{which} with {_error_line(failed[0])} (trial logs under "
+            raise RunFailed(f"{which} with {error_line(failed[0])} (trial logs under "
                             f"{storage.join(sweep_dir, 'tune')})")
     except BaseException as exc:
         tracker.finish(exc)
         raise
     tracker.finish()
     return result
-
-
-def _error_line(error: BaseException) -> str:
-    """The trial's own exception from Tune's wrapper: 'Type: first line of its message', and its
-    last line when there are more (the end of a traceback it carries)."""
-    cause = getattr(error, "cause", None) or error
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()] or [""]
-    return f"{type(cause).__name__}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else "")
 
 
 def _child_runs(client, parent_run_id: str) -> list:

@@ -22,7 +22,7 @@ from fedplatform.config import apply_override, flatten, validate
 from fedplatform.runtime.checkpoint import CHECKPOINT
 
 
-def _trial_name(config: dict, keys: list[str]) -> str:
+def trial_name(config: dict, keys: list[str]) -> str:
     return " ".join(f"{k.rsplit('.', 1)[-1]}={config[k]:.4g}" if isinstance(config[k], float)
                     else f"{k.rsplit('.', 1)[-1]}={config[k]}" for k in keys)
 
@@ -92,7 +92,7 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
     # The trial's runs live under <storage>/<trial id>; runtime.storage itself stays the sweep's,
     # so data published to <storage>/data serve every trial.
     runs_dir = storage.join(flatten(raw)["runtime.storage"], trial_id)
-    apply_override(raw, "tracking.run_name", f"{sweep} {trial_id} {_trial_name(config, keys)}".strip())
+    apply_override(raw, "tracking.run_name", f"{sweep} {trial_id} {trial_name(config, keys)}".strip())
     cfg = validate(raw)
 
     def report(row: dict, run_dir: str) -> None:
@@ -119,7 +119,7 @@ def run_trial(config: dict, *, base: dict, keys: list[str], tracking_uri: str, p
             report(row, run_dir)
 
     # replicas of one configuration over seeds share this tag: what `fedplatform report` groups by
-    tags = {"sweep.name": sweep, "sweep.config": _trial_name(config, [k for k in keys if k != "seed"]) or "base"}
+    tags = {"sweep.name": sweep, "sweep.config": trial_name(config, [k for k in keys if k != "seed"]) or "base"}
     result = run_experiment(cfg, tracking_uri=tracking_uri, resume=resume, parent_run_id=parent_run_id,
                             on_round=on_round, progress=False, runs_under=runs_dir, tags=tags)
     report(result.history[-1], result.run_dir)

@@ -1,0 +1,63 @@
+"""A sweep's progress: one line when a trial starts, ends, fails or is restarted, on the
+`fedplatform` log (the CLI's stderr), so a long sweep shows where it stands between Tune's header
+and the final table."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ray import cloudpickle, tune
+
+from fedplatform.tune.trial import trial_name
+
+log = logging.getLogger("fedplatform.sweep")
+
+
+def error_line(error: BaseException) -> str:
+    """The trial's own exception from Tune's wrapper: 'Type: first line of its message', and its
+    last line when there are more (the end of a traceback it carries)."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()] or [""]
+    return f"{type(cause).__name__}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+
+
+class TrialLines(tune.Callback):
+    def __init__(self, keys: list[str], rounds: int, metric: str, total: int):
+        self.keys, self.rounds, self.metric, self.total = keys, rounds, metric, total
+
+    def _say(self, trial, what: str, trials: list) -> None:
+        ended = {t for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if what.startswith(("finished", "stopped", "failed:")):
+            ended.add(trial)
+        name = trial_name(trial.config, self.keys)
+        log.info("trial %s%s %s (%d of %d ended)", trial.trial_id, f" ({name})" if name else "", what,
+                 len(ended), self.total)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(trial, "started", trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if "round" not in result:  # a trial that never reported (a sweep stopped before it ran)
+            return
+        done, of = int(result["round"]), int(trial.config.get("rounds", self.rounds))
+        what = "finished" if done >= of else f"stopped early at round {done} of {of}"
+        if isinstance(result.get(self.metric), (int, float)):
+            what += f", {self.metric} {result[self.metric]:.4f}"
+        self._say(trial, what, trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._say(trial, f"failed ({_error(trial)}); Tune restarts it from its last checkpoint", trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trial, f"failed: {_error(trial)}", trials)
+
+
+def _error(trial) -> str:
+    """The trial's last error, from the file Tune has just written on this node (its copy in the
+    sweep's storage comes later)."""
+    path = trial.pickled_error_file
+    if path is None or not os.path.exists(path):
+        return "its error was not recorded"
+    with open(path, "rb") as f:
+        return error_line(cloudpickle.load(f))
