@@ -25,13 +25,12 @@ class TrialLines(tune.Callback):
     def __init__(self, keys: list[str], rounds: int, metric: str, total: int):
         self.keys, self.rounds, self.metric, self.total = keys, rounds, metric, total
 
-    def _say(self, trial, what: str, trials: list) -> None:
-        ended = {t for t in trials if t.status in ("TERMINATED", "ERROR")}
-        if what.startswith(("finished", "stopped", "failed:")):
-            ended.add(trial)
+    def _say(self, trial, what: str, trials: list, ended: bool = False) -> None:
+        """`ended`: this trial has ended, though Tune has not marked it yet."""
+        done = {t for t in trials if t.status in ("TERMINATED", "ERROR")} | ({trial} if ended else set())
         name = trial_name(trial.config, self.keys)
         log.info("trial %s%s %s (%d of %d ended)", trial.trial_id, f" ({name})" if name else "", what,
-                 len(ended), self.total)
+                 len(done), self.total)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(trial, "started", trials)
@@ -44,13 +43,13 @@ class TrialLines(tune.Callback):
         what = "finished" if done >= of else f"stopped early at round {done} of {of}"
         if isinstance(result.get(self.metric), (int, float)):
             what += f", {self.metric} {result[self.metric]:.4f}"
-        self._say(trial, what, trials)
+        self._say(trial, what, trials, ended=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._say(trial, f"failed ({_error(trial)}); Tune restarts it from its last checkpoint", trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(trial, f"failed: {_error(trial)}", trials)
+        self._say(trial, f"failed: {_error(trial)}", trials, ended=True)
 
 
 def _error(trial) -> str:

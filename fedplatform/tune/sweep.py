@@ -23,8 +23,8 @@ from pathlib import Path
 from fedplatform import storage
 from fedplatform.config import ExperimentConfig, apply_override, flatten, to_yaml, validate
 from fedplatform.errors import RunFailed, UserError
-from fedplatform.tracking import MLFLOW_QUIET
 from fedplatform.runtime.resources import Cluster, release_request, wait_for_resources
+from fedplatform.tracking import MLFLOW_QUIET
 from fedplatform.tune.resources import check_trial_fits, concurrent_trials, placement_group_factory, trial_bundles
 from fedplatform.tune.space import NAME_PATTERN, SweepSpec, build_base, check_space, check_trial_inputs, load_spec
 from fedplatform.tune.summary import SweepResult, summarize
