@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from quickstart_helpers import QUICKSTART, first_client
 
+import fedplatform.tune.progress
 from fedplatform.cli import main
 from fedplatform.config import ConfigError
 from fedplatform.errors import UserError
@@ -49,7 +51,7 @@ def write_space(tmp: Path, **over) -> Path:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
     """One 3-trial sweep; a client actor of the first trial to reach round 2 dies once. Also
-    returns the sweep's progress lines."""
+    returns the sweep's progress lines, with a status line at every step of Tune's loop."""
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     marker = tmp / "killed-once"
@@ -61,11 +63,13 @@ def sweep(tmp_path_factory, ray_session):
     progress = logging.getLogger("fedplatform.sweep")
     progress.addHandler(handler)
     progress.setLevel(logging.INFO)
+    every, fedplatform.tune.progress.STATUS_EVERY_S = fedplatform.tune.progress.STATUS_EVERY_S, 0
     try:
         result = run_sweep(write_space(tmp), tracking_uri=uri)
     finally:
         ray_session["fault_file"].unlink(missing_ok=True)
         progress.removeHandler(handler)
+        fedplatform.tune.progress.STATUS_EVERY_S = every
     return result, MlflowClient(uri), marker, lines
 
 
@@ -101,7 +105,15 @@ def test_the_sweep_says_when_each_trial_starts_fails_and_ends(sweep):
         assert mine[0].startswith("started (")
         end = "finished" if row["status"] == "finished" else f"stopped early at round {row['rounds_run']} of 3"
         assert mine[-1].startswith(f"{end}, accuracy {row['accuracy']:.4f} (")
-    assert lines[-1].endswith("(3 of 3 ended)")
+    assert [line for line in lines if line.startswith("trial ")][-1].endswith("(3 of 3 ended)")
+    status = [re.fullmatch(r"sweep: (\d) of 3 trials ended, (\d) running \(at rounds ([\d/, ]+)\)"
+                           r"(; best accuracy so far (\S+) \(trial (\S+)\))?", line) for line in lines
+              if line.startswith("sweep: ")]
+    assert status and all(status)
+    for m in status:  # "r/3" for each running trial
+        rounds = [tuple(map(int, at.split("/"))) for at in m[3].split(", ")]
+        assert len(rounds) == int(m[2]) and all(r <= 3 and of == 3 for r, of in rounds)
+    assert status[-1][6] in {r["trial"] for r in result.rows}  # the best so far, once a trial reported
     # the trial whose client died: its failure, then the same trial going on
     [failed] = [line for line in lines if "Tune restarts it" in line]
     assert "ClientError" in failed and "in round 2" in failed

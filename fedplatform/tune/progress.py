@@ -1,16 +1,18 @@
-"""A sweep's progress: one line when a trial starts, ends, fails or is restarted, on the
-`fedplatform` log (the CLI's stderr), so a long sweep shows where it stands between Tune's header
-and the final table."""
+"""A sweep's progress on the `fedplatform` log (the CLI's stderr), so a long sweep shows where it
+stands between Tune's header and the final table: one line when a trial starts, ends, fails or is
+restarted, and every `STATUS_EVERY_S` while trials run, their rounds and the best result so far."""
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from ray import cloudpickle, tune
 
 from fedplatform.tune.trial import trial_name
 
 log = logging.getLogger("fedplatform.sweep")
+STATUS_EVERY_S = 60.0
 
 
 def error_line(error: BaseException) -> str:
@@ -22,8 +24,25 @@ def error_line(error: BaseException) -> str:
 
 
 class TrialLines(tune.Callback):
-    def __init__(self, keys: list[str], rounds: int, metric: str, total: int):
-        self.keys, self.rounds, self.metric, self.total = keys, rounds, metric, total
+    def __init__(self, keys: list[str], rounds: int, metric: str, mode: str, total: int):
+        self.keys, self.rounds, self.metric, self.mode, self.total = keys, rounds, metric, mode, total
+        self.status_at = 0.0
+
+    def setup(self, **info):
+        self.status_at = time.monotonic() + STATUS_EVERY_S  # also in a resumed sweep's new process
+
+    def on_step_end(self, iteration, trials, **info):
+        running = [t for t in trials if t.status == "RUNNING"]
+        if time.monotonic() < self.status_at or not running:
+            return
+        self.status_at = time.monotonic() + STATUS_EVERY_S
+        at = ", ".join(f"{t.last_result.get('round', 0)}/{t.config.get('rounds', self.rounds)}" for t in running)
+        scored = [t for t in trials if isinstance((t.last_result or {}).get(self.metric), (int, float))]
+        best = (max if self.mode == "max" else min)(scored, key=lambda t: t.last_result[self.metric], default=None)
+        log.info("sweep: %d of %d trials ended, %d running (at rounds %s)%s",
+                 sum(t.status in ("TERMINATED", "ERROR") for t in trials), self.total, len(running), at,
+                 f"; best {self.metric} so far {best.last_result[self.metric]:.4f} (trial {best.trial_id})"
+                 if best else "")
 
     def _say(self, trial, what: str, trials: list, ended: bool = False) -> None:
         """`ended`: this trial has ended, though Tune has not marked it yet."""

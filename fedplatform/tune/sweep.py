@@ -134,7 +134,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
                                run_config=tune.RunConfig(
                                    name="tune", storage_path=sweep_dir, verbose=verbose,
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                   callbacks=[TrialLines(keys, cfg.rounds, spec.metric, spec.trials)],
+                                   callbacks=[TrialLines(keys, cfg.rounds, spec.metric, spec.mode, spec.trials)],
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         grid = tuner.fit()
         interrupted = _interrupted(spec, storage.join(sweep_dir, "tune"))
