@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedplatform import storage
@@ -47,7 +48,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
     from ray import tune
 
     from fedplatform.experiment import ensure_ray
-    from fedplatform.tracking.mlflow_run import Tracker, absolute_uri, resolve_uri
+    from fedplatform.tracking.mlflow_run import Tracker, absolute_uri, check_tracking_uri, resolve_uri
     from fedplatform.tune.progress import TrialLines, error_line
 
     space_path = Path(space_path)
@@ -74,17 +75,25 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), tracking_uri: s
         if not _interrupted(spec, storage.join(previous[-1], "tune")):
             raise UserError(f"--resume: the last sweep named '{name}' ({previous[-1]}) finished; "
                             "run it without --resume to start a new one")
-    tracker = Tracker(uri, storage=cfg.runtime.storage)  # unreachable store: one clear error before anything starts
-    ensure_ray()
-    cluster = Cluster.observe()
-    bundles = trial_bundles(cfg, cluster)
-    check_trial_fits(cfg, bundles, cluster)
-    concurrency = (concurrent_trials(bundles, cluster) if spec.max_concurrent_trials == "auto"
-                   else spec.max_concurrent_trials)
-    # An autoscaling cluster adds nodes for the first trial now (or says clearly that it cannot);
-    # Tune's pending placement groups ask for the rest.
-    if wait_for_resources(bundles, cluster, cfg.runtime.wait_for_resources_s, "one trial"):
-        release_request()
+    check_tracking_uri(uri)  # unreachable store: one clear error before anything starts (creates nothing)
+    with ThreadPoolExecutor(1) as background:
+        # MLflow's import and store set-up overlap Ray's start-up, as in a run
+        tracker_ready = background.submit(Tracker, uri, storage=cfg.runtime.storage)
+        try:
+            ensure_ray()
+            cluster = Cluster.observe()
+            bundles = trial_bundles(cfg, cluster)
+            check_trial_fits(cfg, bundles, cluster)
+            concurrency = (concurrent_trials(bundles, cluster) if spec.max_concurrent_trials == "auto"
+                           else spec.max_concurrent_trials)
+            # An autoscaling cluster adds nodes for the first trial now (or says clearly that it
+            # cannot); Tune's pending placement groups ask for the rest.
+            if wait_for_resources(bundles, cluster, cfg.runtime.wait_for_resources_s, "one trial"):
+                release_request()
+        except BaseException:
+            tracker_ready.cancel()
+            raise
+        tracker = tracker_ready.result()
 
     if resume:
         sweep_dir = previous[-1]
