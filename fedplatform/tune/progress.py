@@ -32,10 +32,11 @@ class TrialLines(tune.Callback):
         self.status_at = time.monotonic() + STATUS_EVERY_S  # also in a resumed sweep's new process
 
     def on_step_end(self, iteration, trials, **info):
-        running = [t for t in trials if t.status == "RUNNING"]
-        if time.monotonic() < self.status_at or not running:
+        now = time.monotonic()
+        running = [t for t in trials if t.status == "RUNNING"] if now >= self.status_at else []
+        if not running:
             return
-        self.status_at = time.monotonic() + STATUS_EVERY_S
+        self.status_at = now + STATUS_EVERY_S
         at = ", ".join(f"{t.last_result.get('round', 0)}/{t.config.get('rounds', self.rounds)}" for t in running)
         scored = [t for t in trials if isinstance((t.last_result or {}).get(self.metric), (int, float))]
         best = (max if self.mode == "max" else min)(scored, key=lambda t: t.last_result[self.metric], default=None)
