@@ -37,7 +37,8 @@ class TrialLines(tune.Callback):
         if not running:
             return
         self.status_at = now + STATUS_EVERY_S
-        at = ", ".join(f"{t.last_result.get('round', 0)}/{t.config.get('rounds', self.rounds)}" for t in running)
+        at = ", ".join(f"{(t.last_result or {}).get('round', 0)}/{t.config.get('rounds', self.rounds)}"
+                       for t in running)
         scored = [t for t in trials if isinstance((t.last_result or {}).get(self.metric), (int, float))]
         best = (max if self.mode == "max" else min)(scored, key=lambda t: t.last_result[self.metric], default=None)
         log.info("sweep: %d of %d trials ended, %d running (at rounds %s)%s",
