@@ -97,10 +97,12 @@ def expected_state(cfg):
 
 # All at once, 64 updates would add 60 x 20 MB. Streaming holds at most the updates that arrive ahead of
 # their turn: two per actor (each actor holds its next client), plus the one being folded (and the sum),
-# and the allocator's slack: glibc keeps freed blocks this size for reuse, so the 64-client round's
-# growth in a server actor measures 61, 121 or 161 MB (3 to 8 blocks; 161 once in 10 runs of this
-# file after test_runtime), and 0 to 180 MB in the driver before its test fixed glibc's threshold.
-BOUND_MB = (2 * 2 + 2 + 6) * UPDATE_MB
+# and two blocks of the allocator's slack: glibc keeps freed blocks this size for reuse. The driver's
+# test fixes glibc's threshold (0 to 40 MB measured since; 34 to 180 MB before).
+BOUND_MB = (2 * 2 + 2 + 2) * UPDATE_MB
+# A server actor's glibc cannot be set from here: its 64-client round measures 61, 121 or 161 MB
+# (3 to 8 blocks; 161 once in 10 runs of this file after test_runtime), so four blocks more.
+ACTOR_BOUND_MB = BOUND_MB + 4 * UPDATE_MB
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -113,7 +115,7 @@ def test_server_memory_does_not_grow_with_clients_per_round_and_weights_equal_al
     many_cfg = make_cfg(tmp_path, 64, "actor")
     many = run_experiment(many_cfg, tracking_uri=uri, progress=False)
     added = [run.history[0]["memory/server_round_growth_mb"] for run in (few, many)]
-    assert added[1] < BOUND_MB and added[1] - added[0] < BOUND_MB, added
+    assert added[1] < ACTOR_BOUND_MB and added[1] - added[0] < ACTOR_BOUND_MB, added
     _, state = load(many.run_dir)
     expected = expected_state(many_cfg)
     assert state.keys() == expected.keys()
